@@ -1,0 +1,1 @@
+"""Token-compression methods, one module each; registered by name in `tokbench.pruner`."""

@@ -1,0 +1,54 @@
+"""One attention row, recomputed for selection, so the model itself never leaves SDPA/FA2.
+
+Notation: ``b`` batch, ``L`` keys, ``h`` query heads, ``h_kv`` key/value heads, ``hd`` head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, heads, L, hd), cos/sin (b, L, hd) -> rotated x (standard half-rotation RoPE)."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def attention_row(
+    layer: torch.nn.Module,
+    layer_input: torch.Tensor,
+    query_index: int,
+    key_valid: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query position to every key, as decoder ``layer`` computes it.
+
+    layer_input (Tensor, (b, L, d)): the hidden states entering ``layer`` (before its input norm).
+    query_index (int): the query's position in the sequence (e.g. -1, the last prompt token).
+    key_valid (BoolTensor, (b, L)): keys the query may see (padding excluded; the query sees all
+        earlier tokens, so no causal cut is needed for the last position).
+    rope: cos/sin (b, L, hd) of the sequence, or None to score without rotary embeddings.
+    Returns (logits, probs), each (Tensor, (b, h, L)) in float32: ``q.k / sqrt(hd)`` and its softmax
+    over valid keys (masked keys: logit -inf, probability 0).
+    """
+    attn = layer.self_attn
+    normed = layer.input_layernorm(layer_input)
+    b, length, _ = normed.shape
+    head_dim = attn.head_dim
+    query = attn.q_proj(normed[:, query_index : query_index + 1 if query_index != -1 else None])
+    query = query.view(b, 1, -1, head_dim).transpose(1, 2)  # (b, h, 1, hd)
+    keys = attn.k_proj(normed).view(b, length, -1, head_dim).transpose(1, 2)  # (b, h_kv, L, hd)
+    if rope is not None:
+        cos, sin = rope
+        q_pos = query_index % length
+        query = _apply_rope(query, cos[:, q_pos : q_pos + 1], sin[:, q_pos : q_pos + 1])
+        keys = _apply_rope(keys, cos, sin)
+    groups = query.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)  # (b, h, L, hd)
+    logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * head_dim**-0.5  # (b, h, L)
+    logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
+    return logits, logits.softmax(dim=-1)

@@ -1,0 +1,339 @@
+"""Prefill that drops visual tokens at the stages a method asks for, then greedy decoding.
+
+Notation: ``b`` batch, ``L`` sequence length, ``n`` visual tokens of a sample, ``d`` hidden size,
+``P`` position rows, ``h`` heads.
+
+The engine runs the decoder layers itself (each layer is the model's own module, with its own
+SDPA/FA2 attention), so that between layers it can hand a method what it needs, drop tokens from the
+hidden states (and, for `glimpse`, from the KV cache of the layers already run), and keep position ids
+right. With the `full` method it computes exactly what ``model.generate(do_sample=False)`` computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from tokbench.attention import attention_row
+from tokbench.metrics import StageTimer
+from tokbench.models.base import ModelAdapter, VisualTokens
+from tokbench.pruner import KeepDecision, Pruner, Stage, StageInputs, StageSpec, probe_for
+from tokbench.sequence import LayerKVCache, Sequence, attention_mask
+
+
+class SelectionError(RuntimeError):
+    """A method returned an invalid keep set (unsorted, duplicate, out of range, wrong count)."""
+
+
+@dataclass
+class SampleOutput:
+    """What one sample produced. Counts are visual tokens; ``seq_len_per_layer`` includes text."""
+
+    tokens: list[int]
+    text: str
+    n_visual: int
+    n_kept_input: int
+    kept_per_layer: list[int]
+    seq_len_per_layer: list[int]
+    kept_index: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class BatchOutput:
+    samples: list[SampleOutput]
+    first_logits: torch.Tensor  # (b, vocab), float32
+    timings_ms: dict[str, float]  # vision, select, prefill, ttft, decode, e2e
+    n_generated: int
+    kv_cache_bytes: int
+
+
+class Engine:
+    """Runs one method on one model; `generate` takes a batch of (images, question)."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        method: Pruner,
+        position_policy: str | None = None,
+        seed: int = 0,
+        record_kept: bool = False,
+    ):
+        self.adapter = adapter
+        self.method = method
+        self.reindex = (position_policy or adapter.default_position_policy) == "reindex"
+        self.seed = seed
+        self.record_kept = record_kept
+        self.specs = method.stages(adapter.n_layers)
+        self.probe = probe_for(method, adapter.text_config.hidden_size, adapter.n_layers)
+        self.attn_impl = adapter.model.config._attn_implementation
+        self._check_specs()
+
+    def _check_specs(self) -> None:
+        layered = [s for s in self.specs if s.stage in (Stage.LLM, Stage.GLIMPSE)]
+        for spec in layered:
+            last = self.adapter.n_layers - (2 if spec.attention_from == "next" else 1)
+            if spec.layer is None or not 0 <= spec.layer <= last:
+                raise ValueError(f"{self.method.name}: stage {spec} is outside layers 0..{last}")
+        if any(s.stage == Stage.GLIMPSE for s in self.specs) and self.probe is None:
+            raise ValueError(f"{self.method.name}: a glimpse stage needs a probe() method")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: list[list[Image.Image]],
+        questions: list[str],
+        doc_ids: list[int],
+        max_new_tokens: int = 16,
+    ) -> BatchOutput:
+        adapter = self.adapter
+        timer = StageTimer(adapter.device)
+        with timer.span("ttft"):
+            with timer.span("vision"):
+                n_original = [sum(adapter.n_visual_tokens(img) for img in imgs) for imgs in images]
+                budgets = [self.method.budget.count(n) for n in n_original]
+                if any(s.stage == Stage.INPUT for s in self.specs):
+                    images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
+                batch = adapter.preprocess(images, questions)
+                vision_layers = tuple(sorted({v for s in self.specs for v in s.vision_layers}))
+                visual = adapter.encode_images(batch, vision_layers)
+                per_sample = _group(visual, [len(imgs) for imgs in images])
+                seq = self._initial_sequence(batch, visual)
+            ctx = _Context(self, per_sample, n_original, budgets, doc_ids, timer)
+            for spec in self.specs:
+                if spec.stage in (Stage.VISION, Stage.EMBED):
+                    keep = ctx.decide(spec, seq, attention=None)
+                    seq.compact(keep, self.reindex)
+            n_kept_input = seq.visual_count().tolist()
+            with timer.span("prefill"):
+                cache, kept_per_layer, seq_lens = self._prefill(seq, ctx)
+                first_logits = adapter.logits(seq.hidden[:, -1]).float()
+        with timer.span("decode"):
+            tokens = self._decode(seq, cache, first_logits, max_new_tokens)
+        timings = dict(timer.ms)
+        timings["e2e"] = timings["ttft"] + timings["decode"]
+        timings["prefill"] -= timer.ms.get("select_in_prefill", 0.0)
+        texts = adapter.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        samples = [
+            SampleOutput(
+                tokens=tokens[i],
+                text=texts[i],
+                n_visual=n_original[i],
+                n_kept_input=n_kept_input[i],
+                kept_per_layer=[row[i] for row in kept_per_layer],
+                seq_len_per_layer=[row[i] for row in seq_lens],
+                kept_index=ctx.kept_index[i],
+            )
+            for i in range(len(questions))
+        ]
+        return BatchOutput(samples, first_logits, timings, max(len(t) for t in tokens), cache.nbytes())
+
+    # --- prefill ----------------------------------------------------------------------------------
+    def _initial_sequence(self, batch, visual: list[VisualTokens]) -> Sequence:
+        adapter = self.adapter
+        embeds = adapter.text_model.embed_tokens(batch.input_ids)
+        image_mask = batch.input_ids == adapter.image_token_id
+        features = torch.cat([v.embeds for v in visual]).to(embeds.dtype)
+        if int(image_mask.sum()) != features.shape[0]:
+            raise RuntimeError(f"{int(image_mask.sum())} image tokens in the prompt, {features.shape[0]} features")
+        embeds = embeds.masked_scatter(image_mask[..., None], features)
+        visual_index = torch.where(image_mask, image_mask.long().cumsum(-1) - 1, -1)
+        valid = batch.attention_mask.bool()
+        positions = adapter.initial_position_ids(batch)
+        probe = torch.zeros_like(valid)
+        return Sequence(embeds, positions, valid, visual_index, probe)
+
+    def _append_probe(self, seq: Sequence) -> None:
+        """Append the glimpse token after the prompt, at position last + 1 (all M-RoPE rows)."""
+        b = seq.hidden.shape[0]
+        token = self.probe.token_embed.to(seq.hidden)
+        seq.hidden = torch.cat([seq.hidden, token.expand(b, 1, -1)], dim=1)
+        seq.positions = torch.cat([seq.positions, seq.next_positions()], dim=2)
+        ones = torch.ones(b, 1, dtype=torch.bool, device=seq.valid.device)
+        seq.valid = torch.cat([seq.valid, ones], dim=1)
+        seq.visual_index = torch.cat([seq.visual_index, torch.full_like(ones, -1, dtype=torch.long)], dim=1)
+        seq.probe = torch.cat([torch.zeros_like(seq.probe), ones], dim=1)
+
+    def _prefill(self, seq: Sequence, ctx: _Context):
+        adapter = self.adapter
+        stage_at = {s.layer: s for s in self.specs if s.stage in (Stage.LLM, Stage.GLIMPSE)}
+        glimpse = next((s for s in self.specs if s.stage == Stage.GLIMPSE), None)
+        if glimpse is not None:
+            self._append_probe(seq)
+        cache = LayerKVCache(adapter.n_layers)
+        rope = adapter.rotary(seq.hidden, seq.positions)
+        mask = attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
+        probe_logits: list[torch.Tensor] = []
+        kept_per_layer, seq_lens = [], []
+        for index, layer in enumerate(adapter.layers):
+            if glimpse is not None and index <= glimpse.layer:
+                layer_embeds = self.probe.layer_embeds
+                if layer_embeds is not None and index < layer_embeds.shape[0]:
+                    seq.hidden = seq.hidden + seq.probe[..., None] * layer_embeds[index].to(seq.hidden)
+                if index in self.probe.attention_layers:
+                    probe_logits.append(attention_row(layer, seq.hidden, -1, seq.valid, rope)[0])
+            spec = stage_at.get(index)
+            row = None
+            if spec is not None and spec.stage == Stage.LLM and spec.attention_from == "same":
+                row = attention_row(layer, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
+            kept_per_layer.append(seq.visual_count().tolist())
+            seq_lens.append((seq.valid & ~seq.probe).sum(1).tolist())
+            seq.hidden = layer(
+                seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True
+            )
+            cache.valid[index] = seq.valid
+            if spec is None:
+                continue
+            if spec.stage == Stage.LLM and spec.attention_from == "next":
+                nxt = adapter.layers[index + 1]
+                row = attention_row(nxt, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
+            if spec.stage == Stage.GLIMPSE:
+                row = (torch.stack(probe_logits, dim=1), None)  # (b, layers, h, L)
+            with ctx.timer.span("select_in_prefill"):
+                keep = ctx.decide(spec, seq, attention=row)
+                gather, valid = seq.compact(keep & ~seq.probe, self.reindex)
+                if spec.stage == Stage.GLIMPSE:
+                    for done in range(index + 1):
+                        cache.compact(done, gather, valid)
+            rope = adapter.rotary(seq.hidden, seq.positions)
+            mask = attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
+        return cache, kept_per_layer, seq_lens
+
+    # --- decoding ---------------------------------------------------------------------------------
+    def _decode(self, seq: Sequence, cache: LayerKVCache, first_logits: torch.Tensor, max_new_tokens: int):
+        """Greedy decoding on the pruned cache; each layer's mask follows its own cache length."""
+        adapter = self.adapter
+        eos = torch.tensor(adapter.eos_token_ids, device=first_logits.device)
+        token = first_logits.argmax(-1)
+        generated = [token]
+        finished = torch.isin(token, eos)
+        positions = seq.next_positions()
+        b = token.shape[0]
+        new_valid = torch.ones(b, 1, dtype=torch.bool, device=token.device)
+        for _ in range(max_new_tokens - 1):
+            if bool(finished.all()):
+                break
+            hidden = adapter.text_model.embed_tokens(token[:, None])
+            rope = adapter.rotary(hidden, positions)
+            masks: dict[int, torch.Tensor | None] = {}
+            for index, layer in enumerate(adapter.layers):
+                previous = cache.valid[index]
+                if id(previous) not in masks:
+                    grown = torch.cat([previous, new_valid], dim=1)
+                    masks[id(previous)] = (grown, attention_mask(new_valid, grown, self.attn_impl, hidden.dtype))
+                cache.valid[index], mask = masks[id(previous)]
+                hidden = layer(
+                    hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True
+                )
+            token = adapter.logits(hidden[:, -1]).argmax(-1)
+            token = torch.where(finished, adapter.pad_token_id, token)
+            generated.append(token)
+            finished |= torch.isin(token, eos)
+            positions = positions + 1
+        out = torch.stack(generated, dim=1).tolist()
+        eos_ids = set(adapter.eos_token_ids)
+        return [_until_eos(row, eos_ids) for row in out]
+
+
+class _Context:
+    """Per-batch selection bookkeeping: builds `StageInputs` per sample and validates decisions."""
+
+    def __init__(self, engine: Engine, visual, n_original, budgets, doc_ids, timer: StageTimer):
+        self.engine = engine
+        self.visual = visual  # per sample: list[VisualTokens]
+        self.n_original = n_original
+        self.budgets = budgets
+        self.doc_ids = doc_ids
+        self.timer = timer
+        self.kept_index: list[dict[str, list[int]]] = [{} for _ in doc_ids]
+        self.rc = [_token_rc(v) for v in visual]
+
+    def decide(self, spec: StageSpec, seq: Sequence, attention) -> torch.Tensor:
+        """(b, L) keep mask for ``spec``: text and padding always kept, visual tokens per the method."""
+        keep = ~seq.is_visual
+        with self.timer.span("select"):
+            for i in range(seq.hidden.shape[0]):
+                positions = seq.is_visual[i].nonzero()[:, 0]
+                inputs = self._inputs(spec, seq, i, positions, attention)
+                count = self.engine.method.stage_count(spec, inputs)
+                decision = self.engine.method.select(spec, inputs)
+                index = _validate(decision, inputs, count, spec, self.doc_ids[i], self.engine.method.name)
+                kept_positions = positions[index.to(positions.device)]
+                keep[i, kept_positions] = True
+                if decision.states is not None:
+                    seq.hidden[i, kept_positions] = decision.states.to(seq.hidden)
+                if self.engine.record_kept:
+                    original = seq.visual_index[i, kept_positions]
+                    self.kept_index[i][str(spec)] = original.tolist()
+        return keep
+
+    def _inputs(self, spec: StageSpec, seq: Sequence, i: int, positions, attention) -> StageInputs:
+        original = seq.visual_index[i, positions]
+        visual = self.visual[i]
+        inputs = StageInputs(
+            n_visual=int(positions.numel()),
+            n_visual_original=self.n_original[i],
+            grid_hw=visual[0].grid_hw,
+            token_rc=self.rc[i][original.cpu()],
+            budget_count=self.budgets[i],
+            generator=torch.Generator().manual_seed(self.engine.seed * 1_000_003 + int(self.doc_ids[i])),
+        )
+        if spec.stage in (Stage.VISION, Stage.EMBED):
+            inputs.visual_embeds = seq.hidden[i, positions]
+        if spec.vision_layers:
+            inputs.vision_hidden = {
+                layer: torch.cat([v.vision_hidden[layer] for v in visual])[original] for layer in spec.vision_layers
+            }
+            if "cls" in visual[0].extras:
+                inputs.extras["cls"] = {layer: visual[0].extras["cls"][layer] for layer in spec.vision_layers}
+        if spec.stage in (Stage.LLM, Stage.GLIMPSE):
+            inputs.hidden_states = seq.hidden[i, positions]
+        if spec.stage == Stage.LLM and attention is not None:
+            logits, probs = attention
+            inputs.text_logits = logits[i][:, positions]
+            inputs.text_attention = probs[i][:, positions]
+        if spec.stage == Stage.GLIMPSE:
+            inputs.extras["probe_logits"] = attention[0][i][:, :, positions]
+        return inputs
+
+
+def _validate(decision: KeepDecision, inputs: StageInputs, count, spec, doc_id, method) -> torch.Tensor:
+    index = decision.keep_index.long().cpu()
+    where = f"{method} at {spec} on doc {doc_id}"
+    if index.ndim != 1 or index.numel() == 0:
+        raise SelectionError(f"{where}: keep_index must be a non-empty 1-D index, got shape {tuple(index.shape)}")
+    if bool((index[1:] <= index[:-1]).any()):
+        raise SelectionError(f"{where}: keep_index must be sorted and unique")
+    if int(index[0]) < 0 or int(index[-1]) >= inputs.n_visual:
+        raise SelectionError(f"{where}: keep_index outside 0..{inputs.n_visual - 1}")
+    if count is not None and index.numel() != count:
+        raise SelectionError(f"{where}: kept {index.numel()} tokens, the budget asks for {count}")
+    if decision.states is not None and decision.states.shape[0] != index.numel():
+        raise SelectionError(f"{where}: {decision.states.shape[0]} merged states for {index.numel()} kept tokens")
+    return index
+
+
+def _token_rc(visual: list[VisualTokens]) -> torch.Tensor:
+    """(n, 2) row/col of every visual token of a sample (images concatenated)."""
+    rows = []
+    for v in visual:
+        r, c = v.grid_hw
+        grid = torch.stack(torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij"), dim=-1)
+        rows.append(grid.reshape(-1, 2))
+    return torch.cat(rows)
+
+
+def _group(visual: list[VisualTokens], counts: list[int]) -> list[list[VisualTokens]]:
+    out, start = [], 0
+    for count in counts:
+        out.append(visual[start : start + count])
+        start += count
+    return out
+
+
+def _until_eos(row: list[int], eos: set[int]) -> list[int]:
+    for j, tok in enumerate(row):
+        if tok in eos:
+            return row[:j]
+    return row

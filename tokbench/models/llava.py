@@ -1,0 +1,92 @@
+"""LLaVA-1.5 in the llava-hf format (`LlavaForConditionalGeneration`): CLIP ViT + MLP projector + Llama.
+
+Visual tokens: ``(S/14)^2`` per image (576 at S = 336), the CLIP patch outputs of layer
+``vision_feature_layer`` (-2) without CLS, one contiguous run of ``<image>`` tokens. Positions: 1-D RoPE
+ids ``0..L-1`` over the non-padding tokens. The official LLaVA pruning code re-indexes positions
+contiguously after a drop; that is this family's default position policy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+
+from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
+
+
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    position_rows = 1
+    default_position_policy = "reindex"
+
+    @property
+    def text_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def _patch(self) -> int:
+        return self.model.config.vision_config.patch_size
+
+    @property
+    def _image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def token_grid(self, image: Image.Image) -> tuple[int, int]:
+        side = self._image_size // self._patch
+        return side, side
+
+    def resize_to_tokens(self, image: Image.Image, n_tokens: int) -> Image.Image:
+        """A square crop at ``14 * floor(sqrt(n_tokens))`` px; the tower interpolates its position table."""
+        side = self._patch * max(1, math.isqrt(n_tokens))
+        image = image.convert("RGB")
+        short = min(image.size)
+        left, top = (image.width - short) // 2, (image.height - short) // 2
+        return image.crop((left, top, left + short, top + short)).resize((side, side), Image.BICUBIC)
+
+    def preprocess(self, images: list[list[Image.Image]], questions: list[str]) -> PreparedBatch:
+        """As the base class, but images smaller than the tower's size (downsampled) keep their size."""
+        side = self._image_size
+        small = {img.width for imgs in images for img in imgs if img.width < side}
+        if not small:
+            return super().preprocess(images, questions)
+        if len(small) != 1:
+            raise ValueError("a batch mixes images downsampled to different sizes; use one budget per batch")
+        (size,) = small
+        ip = self.processor.image_processor
+        saved = (ip.size, ip.crop_size)
+        ip.size, ip.crop_size = {"shortest_edge": size}, {"height": size, "width": size}
+        try:
+            return super().preprocess(images, questions)
+        finally:
+            ip.size, ip.crop_size = saved
+
+    def encode_images(self, batch: PreparedBatch, vision_layers: tuple[int, ...] = ()) -> list[VisualTokens]:
+        """CLIP tower + projector; block outputs (n, u=1, d_v) without CLS, CLS under ``extras['cls']``."""
+        cfg = self.model.config
+        pixel_values = batch.model_inputs["pixel_values"].to(self.dtype)
+        interpolate = pixel_values.shape[-1] != self._image_size
+        vision = self.model.model.vision_tower(
+            pixel_values, output_hidden_states=True, interpolate_pos_encoding=interpolate, return_dict=True
+        )
+        selected = vision.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        embeds = self.model.model.multi_modal_projector(selected)  # (b_img, n, d)
+        side = pixel_values.shape[-1] // self._patch
+        tokens = []
+        for i in range(embeds.shape[0]):
+            hidden = {layer: vision.hidden_states[_hs_index(layer)][i, 1:, None] for layer in vision_layers}
+            cls = {layer: vision.hidden_states[_hs_index(layer)][i, 0] for layer in vision_layers}
+            tokens.append(VisualTokens(embeds[i], (side, side), hidden, {"cls": cls}))
+        return tokens
+
+    def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
+        positions = batch.attention_mask.long().cumsum(-1) - 1
+        return positions.clamp(min=0)[None]
+
+
+def _hs_index(layer: int) -> int:
+    """Block index (0-based, or negative from the end) -> index into CLIP's ``hidden_states`` tuple."""
+    return layer + 1 if layer >= 0 else layer

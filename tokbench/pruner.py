@@ -1,0 +1,314 @@
+"""The `Pruner` contract: methods choose which visual tokens to keep, the engine drops them.
+
+Notation: ``n`` visual tokens of one sample at the current stage, ``d`` LLM hidden size,
+``d_v`` vision-tower hidden size, ``h`` attention heads, ``u`` vision patches per LLM token
+(4 for Qwen2.5-VL's 2x2 merge, 1 for LLaVA).
+
+A method is a small, pure object: it declares the stages it acts at and, for each stage the engine
+reaches, returns a `KeepDecision` for one sample from a `StageInputs`. It never touches the model.
+Methods register by name with `@register_method("name")`; third parties add theirs through the
+``tokbench.methods`` entry-point group (``name = "package.module:Class"``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import importlib
+import math
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+
+class Stage(str, enum.Enum):
+    """Where in the forward pass a method acts (see DESIGN.md, "Stages a method can act at")."""
+
+    INPUT = "input"  # before preprocessing: may change the image itself (downsample)
+    VISION = "vision"  # after the vision tower, with its hidden states at chosen blocks
+    EMBED = "embed"  # on visual tokens in LLM space, before LLM layer 0
+    GLIMPSE = "glimpse"  # probe-token prefill up to layer K, drop from the KV cache of 0..K too
+    LLM = "llm"  # after decoder layer k (hidden states + last-token attention)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage plus its settings.
+
+    layer (int): for `llm` and `glimpse`, the decoder layer (0-based) after which tokens are dropped;
+        layers ``> layer`` see the reduced sequence.
+    attention_from (str): for `llm`, which projections score the last prompt token's attention:
+        ``"same"`` = layer ``layer``'s own (FastV), ``"next"`` = layer ``layer + 1``'s applied to layer
+        ``layer``'s output (PyramidDrop).
+    attention_rope (bool): apply rotary embeddings to q/k when scoring (VScan's Qwen port does not).
+    vision_layers (tuple[int, ...]): vision-tower blocks whose outputs the method reads (`vision`,
+        `glimpse`), 0-based or negative from the end.
+    """
+
+    stage: Stage
+    layer: int | None = None
+    attention_from: str = "same"
+    attention_rope: bool = True
+    vision_layers: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return self.stage.value if self.layer is None else f"{self.stage.value}({self.layer})"
+
+
+@dataclass
+class GlimpseProbe:
+    """The temporary query token a `glimpse` stage appends after the prompt.
+
+    token_embed (Tensor, (d,)): its input embedding.
+    layer_embeds (Tensor, (n, d) | None): added to its hidden state before each decoder layer
+        ``0..n-1`` (n <= glimpse layer + 1).
+    attention_layers (tuple[int, ...]): layers whose probe-to-visual attention the method reads; the
+        stage's `StageInputs.extras["probe_logits"]` holds them as (len(layers), h, n) raw logits.
+    """
+
+    token_embed: torch.Tensor
+    layer_embeds: torch.Tensor | None
+    attention_layers: tuple[int, ...]
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be applied (bad ratio, count < 1, more tokens than the image has)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens a method may keep: a ratio in (0, 1], an absolute count, or dynamic.
+
+    ``Budget.ratio(0.25).count(576) == 144``; ``Budget.tokens(64).count(576) == 64``;
+    a dynamic budget leaves the count to the method (``count`` returns ``None``), optionally
+    capped by ``value`` as a ratio.
+    """
+
+    kind: str  # "ratio" | "count" | "dynamic"
+    value: float | None = None
+
+    @classmethod
+    def ratio(cls, value: float) -> Budget:
+        if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
+            raise BudgetError(f"ratio {value} is outside (0, 1]; pass e.g. --ratio 0.25")
+        return cls("ratio", float(value))
+
+    @classmethod
+    def tokens(cls, value: int) -> Budget:
+        if int(value) != value or int(value) < 1:
+            raise BudgetError(f"budget {value} must be a whole number of tokens >= 1; pass e.g. --budget 64")
+        return cls("count", int(value))
+
+    @classmethod
+    def dynamic(cls, cap_ratio: float | None = None) -> Budget:
+        if cap_ratio is not None:
+            Budget.ratio(cap_ratio)
+        return cls("dynamic", cap_ratio)
+
+    @classmethod
+    def full(cls) -> Budget:
+        return cls("ratio", 1.0)
+
+    def count(self, n_visual: int) -> int | None:
+        """Tokens to keep out of ``n_visual``; ``None`` for a dynamic budget."""
+        if self.kind == "dynamic":
+            return None
+        if self.kind == "ratio":
+            return max(1, min(n_visual, round(self.value * n_visual)))
+        if self.value > n_visual:
+            raise BudgetError(f"budget {int(self.value)} exceeds the {n_visual} visual tokens of this image")
+        return int(self.value)
+
+    def label(self) -> str:
+        if self.kind == "ratio":
+            return f"r{self.value:g}"
+        if self.kind == "count":
+            return f"n{int(self.value)}"
+        return "dynamic" if self.value is None else f"dyn{self.value:g}"
+
+
+@dataclass
+class StageInputs:
+    """What the engine hands a method for one sample at one stage. Fields a stage lacks are ``None``.
+
+    n_visual (int): visual tokens of this sample at this stage (after earlier drops).
+    n_visual_original (int): visual tokens the image produced.
+    grid_hw (tuple[int, int]): the image's token grid (rows, cols) in LLM tokens.
+    token_rc (LongTensor, (n, 2)): row/col of each current visual token in that grid.
+    budget_count (int | None): tokens to keep out of ``n_visual_original`` (None for dynamic budgets).
+    visual_embeds (Tensor, (n, d)): visual tokens in LLM input space (`embed`, `vision`).
+    vision_hidden (dict[int, Tensor (n, u, d_v)]): vision-tower block outputs per requested block
+        (`vision`), in LLM-token order, ``u`` patches per token.
+    hidden_states (Tensor, (n, d)): visual tokens' hidden states after layer ``k`` (`llm`, `glimpse`).
+    text_attention (Tensor, (h, n)): softmax attention of the last prompt token to the visual tokens
+        at layer ``k`` (`llm`), or of the probe token at layer ``k`` (`glimpse`); over all keys.
+    text_logits (Tensor, (h, n)): the same row as raw q.k/sqrt(head_dim) logits.
+    generator (torch.Generator): seeded per sample for methods that sample.
+    extras (dict): model- or stage-specific additions (documented where set).
+    """
+
+    n_visual: int
+    n_visual_original: int
+    grid_hw: tuple[int, int]
+    token_rc: torch.Tensor
+    budget_count: int | None
+    visual_embeds: torch.Tensor | None = None
+    vision_hidden: dict[int, torch.Tensor] | None = None
+    hidden_states: torch.Tensor | None = None
+    text_attention: torch.Tensor | None = None
+    text_logits: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class KeepDecision:
+    """A method's answer for one sample at one stage.
+
+    keep_index (LongTensor, (n_kept,)): indices into the stage's current visual tokens, sorted, unique.
+    states (Tensor, (n_kept, d) | None): replacement states for the kept tokens (merging methods).
+    scores (Tensor, (n,) | None): per-token scores, kept for figures; optional.
+    """
+
+    keep_index: torch.Tensor
+    states: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Pruner(Protocol):
+    """The method contract. See `methods/full.py` for the reference implementation."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+
+    def stages(self, n_layers: int) -> list[StageSpec]:
+        """The stages this method acts at, for a decoder of ``n_layers`` layers, in forward order."""
+        ...
+
+    def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
+        """Tokens this stage should leave (None: the method decides, e.g. dynamic budgets)."""
+        ...
+
+    def select(self, spec: StageSpec, inputs: StageInputs) -> KeepDecision:
+        """Choose the visual tokens to keep at ``spec`` for one sample."""
+        ...
+
+
+def probe_for(method: Pruner, hidden_size: int, n_layers: int) -> GlimpseProbe | None:
+    """The glimpse probe of a method that has a `glimpse` stage (its ``probe`` method), else None."""
+    make = getattr(method, "probe", None)
+    return None if make is None else make(hidden_size, n_layers)
+
+
+class MethodError(ValueError):
+    """Unknown method, or arguments a method does not accept."""
+
+
+_REGISTRY: dict[str, str | type] = {}
+
+# Built-in methods by lazy target; importing them needs torch only when resolved.
+_BUILTIN: dict[str, str] = {
+    "full": "methods.full:Full",
+    "random": "methods.random_drop:Random",
+    "fastv": "methods.fastv:FastV",
+    "pool": "methods.pool:Pool",
+    "downsample": "methods.downsample:Downsample",
+}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Class decorator: register a `Pruner` under ``name``. A second, different target is an error."""
+
+    def wrap(cls: type) -> type:
+        current = _REGISTRY.get(name)
+        if current is not None and current is not cls and not _same_target(current, cls):
+            raise MethodError(f"method name {name!r} is already registered to {current}")
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def _same_target(target: str | type, cls: type) -> bool:
+    return isinstance(target, str) and target == f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _all_targets() -> dict[str, str | type]:
+    targets: dict[str, str | type] = dict(_BUILTIN)
+    for ep in entry_points(group="tokbench.methods"):
+        targets.setdefault(ep.name, ep.value)
+    targets.update(_REGISTRY)
+    return targets
+
+
+def method_names() -> list[str]:
+    """All registered method names, without importing any method module."""
+    return sorted(_all_targets())
+
+
+def get_method_class(name: str) -> type:
+    """Resolve a method name to its class, importing lazily; unknown names suggest close matches."""
+    targets = _all_targets()
+    if name not in targets:
+        close = difflib.get_close_matches(name, targets, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise MethodError(f"unknown method {name!r}; {hint}known methods: {', '.join(sorted(targets))}")
+    target = targets[name]
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module_name), attr)
+        _REGISTRY[name] = target
+    return target
+
+
+def build_method(name: str, budget: Budget, args: dict[str, str] | None = None, seed: int = 0) -> Pruner:
+    """Instantiate method ``name`` with ``budget`` and string ``args`` (from ``--method-arg k=v``).
+
+    Arguments are converted to the types of the class's dataclass fields; unknown keys are an error.
+    """
+    cls = get_method_class(name)
+    fields = getattr(cls, "__dataclass_fields__", {})
+    kwargs: dict[str, Any] = {}
+    for key, raw in (args or {}).items():
+        if key not in fields or key in ("budget", "seed"):
+            allowed = sorted(k for k in fields if k not in ("budget", "seed"))
+            raise MethodError(
+                f"method {name!r} does not accept argument {key!r}; it accepts: {', '.join(allowed) or 'none'}"
+            )
+        kwargs[key] = _convert(raw, fields[key].type, name, key)
+    kwargs["budget"] = budget
+    if "seed" in fields:
+        kwargs["seed"] = seed
+    return cls(**kwargs)
+
+
+def _convert(raw: Any, annotation: Any, method: str, key: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    text = str(annotation)
+    try:
+        if "bool" in text:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if "int" in text and "float" not in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+    except ValueError:
+        raise MethodError(f"method {method!r}: argument {key}={raw!r} is not a valid {text}") from None
+    return raw
+
+
+def method_config(method: Pruner) -> dict[str, Any]:
+    """The method's settings as plain values, for manifests."""
+    fields = getattr(method, "__dataclass_fields__", {})
+    out: dict[str, Any] = {"name": method.name, "version": method.version}
+    for key in fields:
+        value = getattr(method, key)
+        out[key] = value.label() if isinstance(value, Budget) else value
+    return out
