@@ -12,10 +12,9 @@ from tokbench.pruner import Budget, KeepDecision, Stage, StageInputs, StageSpec,
 @register_method("random")
 @dataclass
 class Random:
-    """Seeded per document (engine generator), so a run is reproducible whatever the batching."""
+    """Seeded per document by the engine (run seed, doc id), so runs reproduce whatever the batching."""
 
     budget: Budget
-    seed: int = 0
     version = "1"
     headline_retention = "input"
 

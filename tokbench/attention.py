@@ -52,3 +52,20 @@ def attention_row(
     logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * head_dim**-0.5  # (b, h, L)
     logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
     return logits, logits.softmax(dim=-1)
+
+
+def attention_received(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int = 1024
+) -> torch.Tensor:
+    """Attention each key receives, summed over heads and averaged over queries, without the full map.
+
+    query, key (Tensor, (h, N, hd)) of one image's full (bidirectional) attention -> (N,) float32.
+    Queries are processed ``chunk`` at a time, so memory stays at h * chunk * N.
+    """
+    n = query.shape[1]
+    received = torch.zeros(n, dtype=torch.float32, device=query.device)
+    key_t = key.float().transpose(-1, -2)
+    for start in range(0, n, chunk):
+        probs = (query[:, start : start + chunk].float() @ key_t * scaling).softmax(dim=-1)  # (h, c, N)
+        received += probs.sum(dim=(0, 1))
+    return received / n

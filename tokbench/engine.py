@@ -37,6 +37,7 @@ class SampleOutput:
     n_kept_input: int
     kept_per_layer: list[int]
     seq_len_per_layer: list[int]
+    kv_len_per_layer: list[int]
     kept_index: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -97,7 +98,8 @@ class Engine:
                     images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
                 batch = adapter.preprocess(images, questions)
                 vision_layers = tuple(sorted({v for s in self.specs for v in s.vision_layers}))
-                visual = adapter.encode_images(batch, vision_layers)
+                attention_layers = tuple(sorted({v for s in self.specs for v in s.vision_attention}))
+                visual = adapter.encode_images(batch, vision_layers, attention_layers)
                 per_sample = _group(visual, [len(imgs) for imgs in images])
                 seq = self._initial_sequence(batch, visual)
             ctx = _Context(self, per_sample, n_original, budgets, doc_ids, timer)
@@ -109,6 +111,7 @@ class Engine:
             with timer.span("prefill"):
                 cache, kept_per_layer, seq_lens = self._prefill(seq, ctx)
                 first_logits = adapter.logits(seq.hidden[:, -1]).float()
+            kv_lens = [valid.sum(1).tolist() for valid in cache.valid]
         with timer.span("decode"):
             tokens = self._decode(seq, cache, first_logits, max_new_tokens)
         timings = dict(timer.ms)
@@ -123,6 +126,7 @@ class Engine:
                 n_kept_input=n_kept_input[i],
                 kept_per_layer=[row[i] for row in kept_per_layer],
                 seq_len_per_layer=[row[i] for row in seq_lens],
+                kv_len_per_layer=[row[i] for row in kv_lens],
                 kept_index=ctx.kept_index[i],
             )
             for i in range(len(questions))
@@ -287,6 +291,11 @@ class _Context:
             }
             if "cls" in visual[0].extras:
                 inputs.extras["cls"] = {layer: visual[0].extras["cls"][layer] for layer in spec.vision_layers}
+        if spec.vision_attention:
+            inputs.extras["vision_attention"] = {
+                layer: _index_stats([v.extras["vision_attention"][layer] for v in visual], original)
+                for layer in spec.vision_attention
+            }
         if spec.stage in (Stage.LLM, Stage.GLIMPSE):
             inputs.hidden_states = seq.hidden[i, positions]
         if spec.stage == Stage.LLM and attention is not None:
@@ -312,6 +321,15 @@ def _validate(decision: KeepDecision, inputs: StageInputs, count, spec, doc_id, 
     if decision.states is not None and decision.states.shape[0] != index.numel():
         raise SelectionError(f"{where}: {decision.states.shape[0]} merged states for {index.numel()} kept tokens")
     return index
+
+
+def _index_stats(per_image: list[dict[str, torch.Tensor]], original: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Concatenate one block's attention statistics over a sample's images; keep the current tokens."""
+    out = {}
+    for name in per_image[0]:
+        dim = 1 if name == "cls" else 0  # cls is (h, n); the others are token-first
+        out[name] = torch.cat([stats[name] for stats in per_image], dim=dim).index_select(dim, original)
+    return out
 
 
 def _token_rc(visual: list[VisualTokens]) -> torch.Tensor:

@@ -18,9 +18,10 @@ import importlib
 import math
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # torch stays unimported for `tokbench --help` and `tokbench list`
+    import torch
 
 
 class Stage(str, enum.Enum):
@@ -45,6 +46,9 @@ class StageSpec:
     attention_rope (bool): apply rotary embeddings to q/k when scoring (VScan's Qwen port does not).
     vision_layers (tuple[int, ...]): vision-tower blocks whose outputs the method reads (`vision`,
         `glimpse`), 0-based or negative from the end.
+    vision_attention (tuple[int, ...]): vision-tower blocks whose attention statistics the method reads
+        (`StageInputs.extras["vision_attention"][block]`: ``received`` (n,), ``keys`` (n, u, h, hd),
+        and for CLIP towers ``cls`` (h, n)), same indexing.
     """
 
     stage: Stage
@@ -52,6 +56,7 @@ class StageSpec:
     attention_from: str = "same"
     attention_rope: bool = True
     vision_layers: tuple[int, ...] = ()
+    vision_attention: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         return self.stage.value if self.layer is None else f"{self.stage.value}({self.layer})"
@@ -265,7 +270,7 @@ def get_method_class(name: str) -> type:
     return target
 
 
-def build_method(name: str, budget: Budget, args: dict[str, str] | None = None, seed: int = 0) -> Pruner:
+def build_method(name: str, budget: Budget, args: dict[str, str] | None = None) -> Pruner:
     """Instantiate method ``name`` with ``budget`` and string ``args`` (from ``--method-arg k=v``).
 
     Arguments are converted to the types of the class's dataclass fields; unknown keys are an error.
@@ -274,15 +279,13 @@ def build_method(name: str, budget: Budget, args: dict[str, str] | None = None, 
     fields = getattr(cls, "__dataclass_fields__", {})
     kwargs: dict[str, Any] = {}
     for key, raw in (args or {}).items():
-        if key not in fields or key in ("budget", "seed"):
-            allowed = sorted(k for k in fields if k not in ("budget", "seed"))
+        if key not in fields or key == "budget":
+            allowed = sorted(k for k in fields if k != "budget")
             raise MethodError(
                 f"method {name!r} does not accept argument {key!r}; it accepts: {', '.join(allowed) or 'none'}"
             )
         kwargs[key] = _convert(raw, fields[key].type, name, key)
     kwargs["budget"] = budget
-    if "seed" in fields:
-        kwargs["seed"] = seed
     return cls(**kwargs)
 
 

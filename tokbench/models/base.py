@@ -22,7 +22,10 @@ class VisualTokens:
     embeds (Tensor, (n, d)): projected visual tokens, raster order over the token grid.
     grid_hw (tuple[int, int]): token grid rows x cols (n == rows * cols).
     vision_hidden (dict[int, Tensor (n, u, d_v)]): vision-tower block outputs, in the same token order.
-    extras (dict): e.g. ``cls`` (dict[int, Tensor (d_v,)]) for CLIP towers.
+    extras (dict): ``cls`` (dict[int, Tensor (d_v,)]) for CLIP towers; ``vision_attention``
+        (dict[int, dict[str, Tensor]]) per requested block: ``received`` (n,) attention each token
+        receives (sum over heads, mean over queries, mean over its ``u`` patches), ``keys``
+        (n, u, h, hd) the block's attention keys, and for CLIP ``cls`` (h, n) the CLS query's attention.
     """
 
     embeds: torch.Tensor
@@ -125,8 +128,14 @@ class ModelAdapter(ABC):
         return PreparedBatch(input_ids, attention_mask, out)
 
     @abstractmethod
-    def encode_images(self, batch: PreparedBatch, vision_layers: tuple[int, ...] = ()) -> list[VisualTokens]:
-        """Run the vision tower (and projector) once for the batch; one entry per image, batch order."""
+    def encode_images(
+        self, batch: PreparedBatch, vision_layers: tuple[int, ...] = (), attention_layers: tuple[int, ...] = ()
+    ) -> list[VisualTokens]:
+        """Run the vision tower (and projector) once for the batch; one entry per image, batch order.
+
+        ``vision_layers``: blocks whose outputs to return; ``attention_layers``: blocks whose attention
+        statistics to compute (recomputed from the block's input, never as a full stored map).
+        """
 
     @abstractmethod
     def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:

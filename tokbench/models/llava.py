@@ -62,31 +62,48 @@ class LlavaAdapter(ModelAdapter):
         finally:
             ip.size, ip.crop_size = saved
 
-    def encode_images(self, batch: PreparedBatch, vision_layers: tuple[int, ...] = ()) -> list[VisualTokens]:
+    def encode_images(
+        self, batch: PreparedBatch, vision_layers: tuple[int, ...] = (), attention_layers: tuple[int, ...] = ()
+    ) -> list[VisualTokens]:
         """CLIP tower + projector; block outputs (n, u=1, d_v) without CLS, CLS under ``extras['cls']``."""
         cfg = self.model.config
+        tower = self.model.model.vision_tower
+        depth = len(tower.encoder.layers)
         pixel_values = batch.model_inputs["pixel_values"].to(self.dtype)
         interpolate = pixel_values.shape[-1] != self._image_size
-        vision = self.model.model.vision_tower(
-            pixel_values, output_hidden_states=True, interpolate_pos_encoding=interpolate, return_dict=True
-        )
-        selected = vision.hidden_states[cfg.vision_feature_layer]
+        vision = tower(pixel_values, output_hidden_states=True, interpolate_pos_encoding=interpolate, return_dict=True)
+        selected = vision.hidden_states[cfg.vision_feature_layer]  # [0] entered block 0; [i + 1] left block i
         if cfg.vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
         embeds = self.model.model.multi_modal_projector(selected)  # (b_img, n, d)
         side = pixel_values.shape[-1] // self._patch
+        stats = {
+            layer: self._attention_stats(layer % depth, vision.hidden_states[layer % depth]) for layer in attention_layers
+        }
         tokens = []
         for i in range(embeds.shape[0]):
-            hidden = {layer: vision.hidden_states[_hs_index(layer)][i, 1:, None] for layer in vision_layers}
-            cls = {layer: vision.hidden_states[_hs_index(layer)][i, 0] for layer in vision_layers}
-            tokens.append(VisualTokens(embeds[i], (side, side), hidden, {"cls": cls}))
+            hidden = {layer: vision.hidden_states[layer % depth + 1][i, 1:, None] for layer in vision_layers}
+            extras = {"cls": {layer: vision.hidden_states[layer % depth + 1][i, 0] for layer in vision_layers}}
+            if stats:
+                extras["vision_attention"] = {layer: {k: v[i] for k, v in s.items()} for layer, s in stats.items()}
+            tokens.append(VisualTokens(embeds[i], (side, side), hidden, extras))
         return tokens
+
+    def _attention_stats(self, layer: int, block_input: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLIP block ``layer``'s attention from its input (b, 1 + n, d_v): CLS row, received, keys."""
+        from tokbench.attention import attention_received
+
+        block = self.model.model.vision_tower.encoder.layers[layer]
+        attn = block.self_attn
+        normed = block.layer_norm1(block_input)
+        b, length, _ = normed.shape
+        query = attn.q_proj(normed).view(b, length, attn.num_heads, -1).transpose(1, 2)  # (b, h, 1+n, hd)
+        key = attn.k_proj(normed).view(b, length, attn.num_heads, -1).transpose(1, 2)
+        cls = (query[:, :, :1].float() @ key.float().transpose(-1, -2) * attn.scale).softmax(-1)[:, :, 0, 1:]
+        received = torch.stack([attention_received(q, k, attn.scale)[1:] for q, k in zip(query, key)])
+        keys = key[:, :, 1:].permute(0, 2, 1, 3)[:, :, None]  # (b, n, u=1, h, hd)
+        return {"cls": cls, "received": received, "keys": keys}
 
     def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
         positions = batch.attention_mask.long().cumsum(-1) - 1
         return positions.clamp(min=0)[None]
-
-
-def _hs_index(layer: int) -> int:
-    """Block index (0-based, or negative from the end) -> index into CLIP's ``hidden_states`` tuple."""
-    return layer + 1 if layer >= 0 else layer

@@ -55,41 +55,72 @@ class Qwen25VLAdapter(ModelAdapter):
                 return resized
             scale *= 0.97
 
-    def encode_images(self, batch: PreparedBatch, vision_layers: tuple[int, ...] = ()) -> list[VisualTokens]:
+    def encode_images(
+        self, batch: PreparedBatch, vision_layers: tuple[int, ...] = (), attention_layers: tuple[int, ...] = ()
+    ) -> list[VisualTokens]:
         """Vision tower + merger for all images at once.
 
         Block outputs come out of the tower in window order, per patch; they are put back into merged
-        raster order (n, u=4, d_v), the order of the LLM's visual tokens.
+        raster order (n, u=4, d_v), the order of the LLM's visual tokens. Attention statistics are only
+        defined for full-attention blocks (``fullatt_block_indexes``; 7/15/23/31 in the real models).
         """
         from transformers.vision_utils import get_vision_window_index
 
+        tower = self.vision_tower
+        depth = len(tower.blocks)
+        for layer in attention_layers:
+            if layer % depth not in tower.fullatt_block_indexes:
+                raise ValueError(
+                    f"vision block {layer} uses window attention; attention statistics need a full-attention "
+                    f"block ({tower.fullatt_block_indexes})"
+                )
         pixel_values = batch.model_inputs["pixel_values"]
         grid_thw = batch.model_inputs["image_grid_thw"]
+        need_hidden = bool(vision_layers or attention_layers)
         out = self.model.model.get_image_features(
-            pixel_values, grid_thw, output_hidden_states=bool(vision_layers), return_dict=True
+            pixel_values, grid_thw, output_hidden_states=need_hidden, return_dict=True
         )
-        merge = self.vision_tower.spatial_merge_size
+        merge = tower.spatial_merge_size
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid_thw.tolist()]
-        hidden: dict[int, list[torch.Tensor]] = {}
-        if vision_layers:
-            cfg = self.vision_tower
+        sizes = [r * c for r, c in grids]
+        raster: dict[int, list[torch.Tensor]] = {}  # tuple index -> per image (n, u, d_v)
+        if need_hidden:
             window_index, _ = get_vision_window_index(
-                grid_thw, spatial_merge_size=merge, window_size=cfg.window_size, patch_size=cfg.patch_size
+                grid_thw, spatial_merge_size=merge, window_size=tower.window_size, patch_size=tower.patch_size
             )
             reverse = torch.argsort(window_index)
-            sizes = [r * c for r, c in grids]
-            for layer in vision_layers:
-                states = out.hidden_states[layer + 1 if layer >= 0 else layer]  # [0] is the patch embedding
-                units = states.reshape(-1, merge * merge, states.shape[-1])[reverse]  # (sum n, u, d_v)
-                hidden[layer] = list(torch.split(units, sizes))
-        return [
-            VisualTokens(
-                embeds=emb,
-                grid_hw=grid,
-                vision_hidden={layer: hidden[layer][i] for layer in vision_layers},
-            )
-            for i, (emb, grid) in enumerate(zip(out.pooler_output, grids))
-        ]
+            for index in {layer % depth + 1 for layer in vision_layers} | {layer % depth for layer in attention_layers}:
+                states = out.hidden_states[index]  # [0] entered block 0; [i + 1] left block i
+                units = states.reshape(-1, merge * merge, states.shape[-1])[reverse]
+                raster[index] = list(torch.split(units, sizes))
+        tokens = []
+        for i, (emb, grid) in enumerate(zip(out.pooler_output, grids)):
+            hidden = {layer: raster[layer % depth + 1][i] for layer in vision_layers}
+            stats = {
+                layer: self._attention_stats(layer % depth, raster[layer % depth][i], grid_thw[i : i + 1])
+                for layer in attention_layers
+            }
+            tokens.append(VisualTokens(emb, grid, hidden, {"vision_attention": stats} if stats else {}))
+        return tokens
+
+    def _attention_stats(self, layer: int, block_input: torch.Tensor, grid_thw: torch.Tensor) -> dict:
+        """Block ``layer``'s attention over one image, from its input (n, u, d_v) in raster order."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+        from transformers.vision_utils import get_vision_position_ids
+
+        from tokbench.attention import attention_received
+
+        tower = self.vision_tower
+        block = tower.blocks[layer]
+        n, unit, dim = block_input.shape
+        patches = block_input.reshape(n * unit, dim)
+        heads = block.attn.num_heads
+        qkv = block.attn.qkv(block.norm1(patches)).reshape(n * unit, 3, heads, -1).permute(1, 0, 2, 3)
+        positions = get_vision_position_ids(grid_thw, tower.spatial_merge_size)
+        cos, sin = tower.rotary_pos_emb(patches, positions)
+        query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)  # (N, h, hd)
+        received = attention_received(query.transpose(0, 1), key.transpose(0, 1), block.attn.scaling)
+        return {"received": received.view(n, unit).mean(dim=1), "keys": key.reshape(n, unit, heads, -1)}
 
     def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
         position_ids, _ = self.model.model.get_rope_index(

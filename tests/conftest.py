@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny offline models built once per session into a temporary cache; no network."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokbench_cache(tmp_path_factory):
+    """Point TOKBENCH_CACHE/TOKBENCH_DATA at a session directory (unless the caller set them)."""
+    root = tmp_path_factory.mktemp("tokbench-cache")
+    os.environ.setdefault("TOKBENCH_CACHE", str(root / "cache"))
+    os.environ.setdefault("TOKBENCH_DATA", str(root / "data"))
+    return root
+
+
+_ADAPTERS: dict[str, object] = {}
+
+
+def tiny_adapter(name: str, attn: str = "sdpa"):
+    """A loaded tiny model (cached per session; each test must leave it unchanged)."""
+    key = f"{name}:{attn}"
+    if key not in _ADAPTERS:
+        from tokbench.config import load_config
+        from tokbench.models import load_model
+
+        _ADAPTERS[key] = load_model(name, load_config().models, dtype="float32", attn_implementation=attn, device="cpu")
+    return _ADAPTERS[key]
+
+
+@pytest.fixture(params=["tiny-qwen2.5-vl", "tiny-llava"])
+def adapter(request):
+    return tiny_adapter(request.param)
+
+
+@pytest.fixture
+def qwen():
+    return tiny_adapter("tiny-qwen2.5-vl")
+
+
+@pytest.fixture
+def llava():
+    return tiny_adapter("tiny-llava")
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))

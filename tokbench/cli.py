@@ -1,0 +1,182 @@
+"""The `tokbench` command.
+
+Exit codes: 0 success; 1 the job failed; 2 bad usage (unknown name, bad budget, unreadable config,
+missing model path, unwritable output, ...; one line, no traceback unless --debug); 3 the run finished
+but some samples failed (their rows carry ``error``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Benchmark visual-token compression methods for VLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+_STATE = {"debug": False}
+
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method name (see `tokbench list methods`).")]
+TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task: tokbench task or any lmms-eval task name.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", help="Model alias (tokbench.toml), hub id or local path.")
+]
+RatioOpt = Annotated[Optional[float], typer.Option("--ratio", help="Keep this fraction of visual tokens, in (0, 1].")]
+BudgetOpt = Annotated[Optional[int], typer.Option("--budget", help="Keep this many visual tokens (>= 1).")]
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from tokbench.config import ConfigError
+    from tokbench.models import ModelError
+    from tokbench.pruner import BudgetError, MethodError
+    from tokbench.runner import RunValidationError
+    from tokbench.store import ConfigMismatchError
+    from tokbench.tasks import TaskError
+
+    return (ConfigError, ModelError, BudgetError, MethodError, RunValidationError, ConfigMismatchError, TaskError)
+
+
+def _fail(err: BaseException, code: int) -> None:
+    if _STATE["debug"]:
+        raise err
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    _STATE["debug"] = debug
+
+
+def _parse_method_args(items: list[str]) -> dict[str, str]:
+    args = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--method-arg {item!r}: use key=value")
+        args[key.strip()] = value.strip()
+    return args
+
+
+@app.command()
+def run(
+    method: MethodOpt,
+    task: TaskOpt,
+    model: ModelOpt = "tiny-qwen2.5-vl",
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+    method_arg: Annotated[list[str], typer.Option("--method-arg", help="Method option key=value (repeatable).")] = [],  # noqa: B006
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N documents.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch.")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warm-up iterations on the first batch, not recorded.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling methods.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto | bfloat16 | float16 | float32.")] = None,
+    attn: Annotated[Optional[str], typer.Option("--attn", help="auto | sdpa | flash_attention_2 | eager.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Override the task's generation length.")] = None,
+    position_policy: Annotated[Optional[str], typer.Option(help="keep | reindex (default: the family's).")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="Local copy of the task's dataset.")] = None,
+    save_masks: Annotated[bool, typer.Option("--save-masks", help="Store kept token indices per stage.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output dir (default: results/).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Extra tokbench.toml to read.")] = None,
+) -> None:
+    """Run one method on one task and write DIR/<run_id>/samples.jsonl + manifest.json.
+
+    Example: tokbench run --method random --ratio 0.25 --task vstar-synth --model tiny-qwen2.5-vl
+    """
+    try:
+        from tokbench.config import load_config
+        from tokbench.runner import RunConfig, validate
+
+        cfg = load_config(config)
+        d = cfg.defaults
+        run_config = RunConfig(
+            model=model,
+            method=method,
+            task=task,
+            ratio=ratio,
+            budget=budget,
+            method_args=_parse_method_args(method_arg),
+            limit=limit,
+            batch_size=batch_size if batch_size is not None else int(d.get("batch_size", 1)),
+            warmup=warmup if warmup is not None else int(d.get("warmup", 0)),
+            seed=seed if seed is not None else int(d.get("seed", 0)),
+            dtype=dtype or d.get("dtype", "auto"),
+            attn_implementation=attn or d.get("attn_implementation", "auto"),
+            max_new_tokens=max_new_tokens,
+            position_policy=position_policy,
+            data_dir=data_dir,
+            save_masks=save_masks,
+            output=str(output or d.get("output", "results")),
+        )
+        from tokbench.models import resolve_model
+
+        resolve_model(model, cfg.models)
+        validate(run_config)
+    except typer.BadParameter:
+        raise
+    except _usage_errors() as err:
+        _fail(err, 2)
+    result = _execute(run_config, cfg.models)
+    _print_summary(result)
+    if result.summary.get("n_errors"):
+        console.print(f"{result.summary['n_errors']} sample(s) failed; see the 'error' field in {result.run_dir}")
+        raise typer.Exit(3)
+
+
+def _execute(run_config, aliases):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tokbench.runner import run as run_job
+
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True,
+        ) as progress:
+            bar = progress.add_task(f"{run_config.method} on {run_config.task}", total=None)
+            return run_job(run_config, aliases, on_batch=lambda done, total: progress.update(bar, completed=done, total=total))
+    except _usage_errors() as err:
+        _fail(err, 2)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; finished batches are saved under {run_config.output}. Rerun the same command to resume.")
+        raise typer.Exit(130)
+    except Exception as err:  # noqa: BLE001
+        _fail(err, 1)
+
+
+def _print_summary(result) -> None:
+    from tokbench.summary import summary_table
+
+    out.print(summary_table(result.summary, title=result.run_dir.name))
+    out.print(f"results: {result.run_dir}")
+
+
+@app.command("list")
+def list_(what: Annotated[str, typer.Argument(help="methods | tasks | models")]) -> None:
+    """List registered methods, tasks or model aliases."""
+    if what == "methods":
+        from tokbench.pruner import method_names
+
+        for name in method_names():
+            out.print(name)
+    elif what == "tasks":
+        from tokbench.tasks import task_names
+
+        for name in task_names():
+            out.print(name)
+    elif what == "models":
+        from tokbench.config import load_config
+
+        for alias, target in sorted(load_config().models.items()):
+            out.print(f"{alias}\t{target}")
+    else:
+        _fail(ValueError(f"cannot list {what!r}; use methods, tasks or models"), 2)

@@ -1,0 +1,215 @@
+"""One run = model x method x budget x task: validate, load, warm up, batches, per-sample records, resume.
+
+Everything that can be checked without the model (method, its arguments, budget, task, output dir)
+is checked first, so a typo costs a second rather than a model load. Records are appended and flushed
+per batch; rerunning with the same output dir and settings skips the documents already done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tokbench.pruner import Budget, BudgetError, build_method, method_config
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run's results (the manifest stores it to rerun)."""
+
+    model: str
+    method: str
+    task: str
+    ratio: float | None = None
+    budget: int | None = None
+    method_args: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    batch_size: int = 1
+    warmup: int = 0
+    seed: int = 0
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    max_new_tokens: int | None = None
+    position_policy: str | None = None
+    data_dir: str | None = None
+    save_masks: bool = False
+    output: str = "results"
+
+    def make_budget(self) -> Budget:
+        if self.ratio is not None and self.budget is not None:
+            raise BudgetError("pass either --ratio or --budget, not both")
+        if self.budget is not None:
+            return Budget.tokens(self.budget)
+        if self.ratio is not None:
+            return Budget.ratio(self.ratio)
+        return Budget.full()
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change results (not output dir, batch size, warm-up or mask saving)."""
+        skip = {"output", "batch_size", "warmup", "save_masks"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    n_new: int
+
+
+class RunValidationError(ValueError):
+    """Settings that cannot run, found before the model loads."""
+
+
+def validate(config: RunConfig):
+    """Build the method and task and check the output dir; raises one-line errors. Returns (method, task)."""
+    from tokbench.tasks import load_task
+
+    if config.batch_size < 1:
+        raise RunValidationError(f"batch size {config.batch_size} must be >= 1")
+    if config.limit is not None and config.limit < 1:
+        raise RunValidationError(f"limit {config.limit} must be >= 1")
+    if config.position_policy not in (None, "keep", "reindex"):
+        raise RunValidationError(f"position policy {config.position_policy!r}: use keep or reindex")
+    method = build_method(config.method, config.make_budget(), config.method_args)
+    task = load_task(config.task, data_dir=config.data_dir, limit=config.limit)
+    out = Path(config.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tokbench-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RunValidationError(f"output dir {out} is not writable ({err.strerror}); pass --output DIR") from None
+    return method, task
+
+
+def run(
+    config: RunConfig,
+    aliases: dict[str, str],
+    on_batch: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Execute ``config``; ``on_batch(done, total)`` reports progress."""
+    from tokbench.engine import Engine
+    from tokbench.models import load_model
+    from tokbench.store import RunStore, make_run_id
+
+    method, task = validate(config)
+    identity = config.identity()
+    run_id = make_run_id(
+        {**identity, "method_config": method_config(method), "budget_label": method.budget.label()}
+    )
+    store = RunStore(Path(config.output), run_id)
+    manifest_config = {**asdict(config), "method_config": method_config(method), "task_version": task.version}
+    store.open(manifest_config)
+    todo = [d for d in task.doc_ids() if d not in store.done_doc_ids()]
+    adapter = load_model(config.model, aliases, dtype=config.dtype, attn_implementation=config.attn_implementation)
+    store.update_manifest(model=adapter.describe())
+    engine = Engine(adapter, method, config.position_policy, seed=config.seed, record_kept=config.save_masks)
+    max_new = config.max_new_tokens or int(task.gen_kwargs.get("max_new_tokens", 16))
+    recorder = _Recorder(config, method, adapter, run_id, task)
+    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+    if batches and config.warmup:
+        docs, _ = _load_docs(task, batches[0])
+        for _ in range(config.warmup):
+            if docs:
+                engine.generate([d.images for d in docs], [d.prompt for d in docs], [d.doc_id for d in docs], max_new)
+    for done, doc_ids in enumerate(batches, start=1):
+        store.append(recorder.run_batch(engine, doc_ids, max_new))
+        if on_batch:
+            on_batch(done, len(batches))
+    from tokbench.summary import summarize
+
+    summary = summarize(store.records())
+    store.update_manifest(summary=summary)
+    return RunResult(store.path, summary, len(todo))
+
+
+def _load_docs(task, doc_ids: list[int]):
+    """Load documents; a missing or corrupt one becomes an error instead of stopping the batch."""
+    docs, errors = [], {}
+    for doc_id in doc_ids:
+        try:
+            doc = task.doc(doc_id)
+            if not doc.prompt.strip():
+                raise ValueError("empty question")
+            docs.append(doc)
+        except Exception as err:  # noqa: BLE001 - any bad document is isolated to its own row
+            errors[doc_id] = f"{type(err).__name__}: {err}"
+    return docs, errors
+
+
+class _Recorder:
+    """Turns engine outputs into DESIGN.md result rows (the one place that computes each figure)."""
+
+    def __init__(self, config: RunConfig, method, adapter, run_id: str, task):
+        from tokbench.metrics import LLMShape
+
+        self.config = config
+        self.method = method
+        self.adapter = adapter
+        self.run_id = run_id
+        self.task = task
+        self.shape = LLMShape.from_config(adapter.text_config)
+        self.headline = getattr(method, "headline_retention", "input")
+        self.base = {
+            "run_id": run_id,
+            "model": config.model,
+            "method": config.method,
+            "budget": method.budget.label(),
+            "task": task.name,
+        }
+
+    def run_batch(self, engine, doc_ids: list[int], max_new: int) -> list[dict[str, Any]]:
+        from tokbench.metrics import PeakMemory
+
+        docs, errors = _load_docs(self.task, doc_ids)
+        rows = [self._error_row(d, msg, len(doc_ids)) for d, msg in errors.items()]
+        if not docs:
+            return rows
+        try:
+            with PeakMemory(self.adapter.device) as memory:
+                out = engine.generate([d.images for d in docs], [d.prompt for d in docs], [d.doc_id for d in docs], max_new)
+        except Exception as err:  # noqa: BLE001 - a failing batch is recorded, the run goes on
+            return rows + [self._error_row(d.doc_id, f"{type(err).__name__}: {err}", len(docs)) for d in docs]
+        for doc, sample in zip(docs, out.samples):
+            rows.append(self._row(doc, sample, out, memory, len(docs)))
+        return rows
+
+    def _row(self, doc, sample, out, memory, batch_size: int) -> dict[str, Any]:
+        from tokbench.metrics import kv_cache_mb, prefill_flops, retention_figures
+
+        n_text = sample.seq_len_per_layer[0] - sample.kept_per_layer[0]
+        full_lens = [n_text + sample.n_visual] * len(sample.seq_len_per_layer)
+        timings = out.timings_ms
+        scores = self.task.score(doc.doc_id, sample.text)
+        row = {
+            **self.base,
+            "doc_id": doc.doc_id,
+            "prediction": sample.text,
+            "target": doc.target,
+            "score": scores.get("score"),
+            "n_visual": sample.n_visual,
+            "n_kept_input": sample.n_kept_input,
+            "kept_per_layer": sample.kept_per_layer,
+            **retention_figures(sample.n_visual, sample.n_kept_input, sample.kept_per_layer, self.headline),
+            "flops_ratio": prefill_flops(self.shape, sample.seq_len_per_layer) / prefill_flops(self.shape, full_lens),
+            "ttft_ms": timings["ttft"],
+            "vision_ms": timings.get("vision", 0.0),
+            "select_ms": timings.get("select", 0.0),
+            "prefill_ms": timings.get("prefill", 0.0),
+            "e2e_ms": timings["e2e"],
+            "decode_ms_per_token": timings["decode"] / max(1, out.n_generated - 1),
+            "kv_cache_mb": kv_cache_mb(sample.kv_len_per_layer, 1, self.shape, self.adapter.dtype.itemsize),
+            "peak_mem_mb": memory.peak_mb,
+            "peak_mem_source": memory.source,
+            "batch_size": batch_size,
+            "error": None,
+        }
+        if self.config.save_masks:
+            row["kept_index"] = sample.kept_index
+        return row
+
+    def _error_row(self, doc_id: int, message: str, batch_size: int) -> dict[str, Any]:
+        return {**self.base, "doc_id": doc_id, "batch_size": batch_size, "error": message}
