@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokbench.pruner import Budget, KeepDecision, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
 
 
 @register_method("downsample")
@@ -21,7 +21,7 @@ class Downsample:
     version = "1"
     headline_retention = "input"
 
-    def stages(self, n_layers: int) -> list[StageSpec]:
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
         return [StageSpec(Stage.INPUT)]
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokbench.pruner import Budget, KeepDecision, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
 
 
 @register_method("fastv")
@@ -21,9 +21,9 @@ class FastV:
     version = "1"
     headline_retention = "layer_avg"
 
-    def stages(self, n_layers: int) -> list[StageSpec]:
-        if not 1 <= self.k < n_layers:
-            raise ValueError(f"fastv: k={self.k} must lie in 1..{n_layers - 1} for a {n_layers}-layer model")
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
+        if not 1 <= self.k < model.n_layers:
+            raise ValueError(f"fastv: k={self.k} must lie in 1..{model.n_layers - 1} for a {model.n_layers}-layer model")
         return [StageSpec(Stage.LLM, layer=self.k - 1)]
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:

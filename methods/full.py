@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokbench.pruner import Budget, KeepDecision, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, StageInputs, StageSpec, register_method
 
 
 @register_method("full")
@@ -16,7 +16,7 @@ class Full:
     version = "1"
     headline_retention = "input"
 
-    def stages(self, n_layers: int) -> list[StageSpec]:
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
         return []
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:

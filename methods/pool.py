@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokbench.pruner import Budget, KeepDecision, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
 
 
 def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
@@ -33,7 +33,7 @@ class Pool:
     version = "1"
     headline_retention = "input"
 
-    def stages(self, n_layers: int) -> list[StageSpec]:
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
         return [StageSpec(Stage.EMBED)]
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:

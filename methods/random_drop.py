@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokbench.pruner import Budget, KeepDecision, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
 
 
 @register_method("random")
@@ -18,7 +18,7 @@ class Random:
     version = "1"
     headline_retention = "input"
 
-    def stages(self, n_layers: int) -> list[StageSpec]:
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
         return [StageSpec(Stage.EMBED)]
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:

@@ -200,10 +200,11 @@ class _ProbeTopK:
     version = "test"
     name = "probe-topk"
 
-    def stages(self, n_layers):
+    def stages(self, model):
         return [StageSpec(Stage.GLIMPSE, layer=self.layer)]
 
-    def probe(self, hidden_size, n_layers):
+    def probe(self, model):
+        hidden_size = model.hidden_size
         g = torch.Generator().manual_seed(0)
         token = torch.zeros(hidden_size) if self.zero_probe else torch.randn(hidden_size, generator=g)
         return GlimpseProbe(token, torch.randn(self.layer + 1, hidden_size, generator=g), (0, self.layer))
@@ -253,7 +254,7 @@ def test_invalid_selection_is_reported():
         version = "test"
         name = "unsorted"
 
-        def stages(self, n_layers):
+        def stages(self, model):
             return [StageSpec(Stage.EMBED)]
 
         def stage_count(self, spec, inputs):

@@ -66,8 +66,9 @@ class Engine:
         self.reindex = (position_policy or adapter.default_position_policy) == "reindex"
         self.seed = seed
         self.record_kept = record_kept
-        self.specs = method.stages(adapter.n_layers)
-        self.probe = probe_for(method, adapter.text_config.hidden_size, adapter.n_layers)
+        self.info = adapter.info()
+        self.specs = method.stages(self.info)
+        self.probe = probe_for(method, self.info)
         self.attn_impl = adapter.model.config._attn_implementation
         self._check_specs()
 
@@ -102,7 +103,7 @@ class Engine:
                 visual = adapter.encode_images(batch, vision_layers, attention_layers)
                 per_sample = _group(visual, [len(imgs) for imgs in images])
                 seq = self._initial_sequence(batch, visual)
-            ctx = _Context(self, per_sample, n_original, budgets, doc_ids, timer)
+            ctx = _Context(self, per_sample, n_original, budgets, doc_ids, questions, timer)
             for spec in self.specs:
                 if spec.stage in (Stage.VISION, Stage.EMBED):
                     keep = ctx.decide(spec, seq, attention=None)
@@ -243,8 +244,9 @@ class Engine:
 class _Context:
     """Per-batch selection bookkeeping: builds `StageInputs` per sample and validates decisions."""
 
-    def __init__(self, engine: Engine, visual, n_original, budgets, doc_ids, timer: StageTimer):
+    def __init__(self, engine: Engine, visual, n_original, budgets, doc_ids, questions, timer: StageTimer):
         self.engine = engine
+        self.questions = questions
         self.visual = visual  # per sample: list[VisualTokens]
         self.n_original = n_original
         self.budgets = budgets
@@ -265,8 +267,11 @@ class _Context:
                 index = _validate(decision, inputs, count, spec, self.doc_ids[i], self.engine.method.name)
                 kept_positions = positions[index.to(positions.device)]
                 keep[i, kept_positions] = True
-                if decision.states is not None:
-                    seq.hidden[i, kept_positions] = decision.states.to(seq.hidden)
+                states = decision.states
+                if decision.vision_states is not None:
+                    states = self.engine.adapter.project_vision(decision.vision_states.to(self.engine.adapter.dtype))
+                if states is not None:
+                    seq.hidden[i, kept_positions] = states.to(seq.hidden)
                 if self.engine.record_kept:
                     original = seq.visual_index[i, kept_positions]
                     self.kept_index[i][str(spec)] = original.tolist()
@@ -281,10 +286,14 @@ class _Context:
             grid_hw=visual[0].grid_hw,
             token_rc=self.rc[i][original.cpu()],
             budget_count=self.budgets[i],
+            question=self.questions[i],
             generator=torch.Generator().manual_seed(self.engine.seed * 1_000_003 + int(self.doc_ids[i])),
         )
         if spec.stage in (Stage.VISION, Stage.EMBED):
+            adapter = self.engine.adapter
             inputs.visual_embeds = seq.hidden[i, positions]
+            ids = adapter.tokenizer(self.questions[i], add_special_tokens=False, return_tensors="pt").input_ids
+            inputs.instruction_embeds = adapter.text_model.embed_tokens(ids.to(adapter.device))[0]
         if spec.vision_layers:
             inputs.vision_hidden = {
                 layer: torch.cat([v.vision_hidden[layer] for v in visual])[original] for layer in spec.vision_layers
@@ -318,8 +327,9 @@ def _validate(decision: KeepDecision, inputs: StageInputs, count, spec, doc_id, 
         raise SelectionError(f"{where}: keep_index outside 0..{inputs.n_visual - 1}")
     if count is not None and index.numel() != count:
         raise SelectionError(f"{where}: kept {index.numel()} tokens, the budget asks for {count}")
-    if decision.states is not None and decision.states.shape[0] != index.numel():
-        raise SelectionError(f"{where}: {decision.states.shape[0]} merged states for {index.numel()} kept tokens")
+    for states in (decision.states, decision.vision_states):
+        if states is not None and states.shape[0] != index.numel():
+            raise SelectionError(f"{where}: {states.shape[0]} merged states for {index.numel()} kept tokens")
     return index
 
 

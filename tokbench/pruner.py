@@ -78,6 +78,27 @@ class GlimpseProbe:
     attention_layers: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the model a method may use to pick its stages (never the model itself).
+
+    family: "qwen2_5_vl" | "llava"; name: alias, hub id or path as given; n_layers, hidden_size,
+    n_heads: the LLM decoder's; vision_depth: vision-tower blocks; vision_feature_layer: the block whose
+    output feeds the projector (-2 for LLaVA-1.5, -1 for Qwen2.5-VL); vision_full_attention: blocks
+    with full (not windowed) attention; patches_per_token: ``u`` (4 for Qwen2.5-VL, 1 for LLaVA).
+    """
+
+    family: str
+    name: str
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    vision_depth: int
+    vision_feature_layer: int
+    vision_full_attention: tuple[int, ...]
+    patches_per_token: int
+
+
 class BudgetError(ValueError):
     """A budget that cannot be applied (bad ratio, count < 1, more tokens than the image has)."""
 
@@ -143,6 +164,8 @@ class StageInputs:
     grid_hw (tuple[int, int]): the image's token grid (rows, cols) in LLM tokens.
     token_rc (LongTensor, (n, 2)): row/col of each current visual token in that grid.
     budget_count (int | None): tokens to keep out of ``n_visual_original`` (None for dynamic budgets).
+    question (str): the sample's question text (instruction-aware methods).
+    instruction_embeds (Tensor, (m, d)): the question's tokens in LLM input space (`embed`, `vision`).
     visual_embeds (Tensor, (n, d)): visual tokens in LLM input space (`embed`, `vision`).
     vision_hidden (dict[int, Tensor (n, u, d_v)]): vision-tower block outputs per requested block
         (`vision`), in LLM-token order, ``u`` patches per token.
@@ -159,6 +182,8 @@ class StageInputs:
     grid_hw: tuple[int, int]
     token_rc: torch.Tensor
     budget_count: int | None
+    question: str = ""
+    instruction_embeds: torch.Tensor | None = None
     visual_embeds: torch.Tensor | None = None
     vision_hidden: dict[int, torch.Tensor] | None = None
     hidden_states: torch.Tensor | None = None
@@ -173,12 +198,16 @@ class KeepDecision:
     """A method's answer for one sample at one stage.
 
     keep_index (LongTensor, (n_kept,)): indices into the stage's current visual tokens, sorted, unique.
-    states (Tensor, (n_kept, d) | None): replacement states for the kept tokens (merging methods).
+    states (Tensor, (n_kept, d) | None): replacement states for the kept tokens in LLM space.
+    vision_states (Tensor, (n_kept, u, d_v) | None): replacement states in the space of the vision
+        layer that feeds the projector (merging in the vision tower, as VisionZip and VScan do); the
+        engine passes them through the model's projector. At most one of the two is set.
     scores (Tensor, (n,) | None): per-token scores, kept for figures; optional.
     """
 
     keep_index: torch.Tensor
     states: torch.Tensor | None = None
+    vision_states: torch.Tensor | None = None
     scores: torch.Tensor | None = None
 
 
@@ -189,8 +218,8 @@ class Pruner(Protocol):
     name: ClassVar[str]
     version: ClassVar[str]
 
-    def stages(self, n_layers: int) -> list[StageSpec]:
-        """The stages this method acts at, for a decoder of ``n_layers`` layers, in forward order."""
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
+        """The stages this method acts at on ``model``, in forward order."""
         ...
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
@@ -202,10 +231,10 @@ class Pruner(Protocol):
         ...
 
 
-def probe_for(method: Pruner, hidden_size: int, n_layers: int) -> GlimpseProbe | None:
-    """The glimpse probe of a method that has a `glimpse` stage (its ``probe`` method), else None."""
+def probe_for(method: Pruner, model: ModelInfo) -> GlimpseProbe | None:
+    """The glimpse probe of a method that has a `glimpse` stage (its ``probe(model)``), else None."""
     make = getattr(method, "probe", None)
-    return None if make is None else make(hidden_size, n_layers)
+    return None if make is None else make(model)
 
 
 class MethodError(ValueError):

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from tokbench.pruner import ModelInfo
+
 
 @dataclass
 class VisualTokens:
@@ -148,6 +150,14 @@ class ModelAdapter(ABC):
     @abstractmethod
     def resize_to_tokens(self, image: Image.Image, n_tokens: int) -> Image.Image:
         """``image`` resized so that the model produces at most ``n_tokens`` visual tokens."""
+
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """The facts a method may use to choose its stages."""
+
+    @abstractmethod
+    def project_vision(self, states: torch.Tensor) -> torch.Tensor:
+        """Vision-feature-layer states (k, u, d_v) -> LLM-space tokens (k, d), through the projector."""
 
     def n_visual_tokens(self, image: Image.Image) -> int:
         rows, cols = self.token_grid(image)

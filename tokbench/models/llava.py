@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
+from tokbench.pruner import ModelInfo
 
 
 class LlavaAdapter(ModelAdapter):
@@ -32,6 +33,25 @@ class LlavaAdapter(ModelAdapter):
     @property
     def _image_size(self) -> int:
         return self.model.config.vision_config.image_size
+
+    def info(self) -> ModelInfo:
+        text, cfg = self.text_config, self.model.config
+        depth = cfg.vision_config.num_hidden_layers
+        return ModelInfo(
+            family=self.family,
+            name=self.name,
+            n_layers=self.n_layers,
+            hidden_size=text.hidden_size,
+            n_heads=text.num_attention_heads,
+            vision_depth=depth,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_full_attention=tuple(range(depth)),
+            patches_per_token=1,
+        )
+
+    def project_vision(self, states: torch.Tensor) -> torch.Tensor:
+        """(k, 1, d_v) CLIP feature-layer states -> (k, d) through the MLP projector."""
+        return self.model.model.multi_modal_projector(states[:, 0])
 
     def token_grid(self, image: Image.Image) -> tuple[int, int]:
         side = self._image_size // self._patch

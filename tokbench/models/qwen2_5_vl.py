@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
+from tokbench.pruner import ModelInfo
 
 
 class Qwen25VLAdapter(ModelAdapter):
@@ -33,6 +34,24 @@ class Qwen25VLAdapter(ModelAdapter):
         ip = self.processor.image_processor
         factor = ip.patch_size * ip.merge_size
         return factor, ip.size["shortest_edge"], ip.size["longest_edge"]
+
+    def info(self) -> ModelInfo:
+        text = self.text_config
+        return ModelInfo(
+            family=self.family,
+            name=self.name,
+            n_layers=self.n_layers,
+            hidden_size=text.hidden_size,
+            n_heads=text.num_attention_heads,
+            vision_depth=len(self.vision_tower.blocks),
+            vision_feature_layer=-1,
+            vision_full_attention=tuple(self.vision_tower.fullatt_block_indexes),
+            patches_per_token=self.vision_tower.spatial_merge_size**2,
+        )
+
+    def project_vision(self, states: torch.Tensor) -> torch.Tensor:
+        """(k, 4, d_v) last-block patch states -> (k, d) through the 2x2 patch merger."""
+        return self.vision_tower.merger(states.reshape(-1, states.shape[-1]))
 
     def token_grid(self, image: Image.Image) -> tuple[int, int]:
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
