@@ -101,8 +101,10 @@ def run(
         {**identity, "method_config": method_config(method), "budget_label": method.budget.label()}
     )
     store = RunStore(Path(config.output), run_id)
-    manifest_config = {**asdict(config), "method_config": method_config(method), "task_version": task.version}
-    store.open(manifest_config)
+    store.open({**identity, "method_config": method_config(method), "task_version": task.version})
+    store.update_manifest(
+        settings={k: getattr(config, k) for k in ("output", "batch_size", "warmup", "save_masks")}
+    )
     todo = [d for d in task.doc_ids() if d not in store.done_doc_ids()]
     adapter = load_model(config.model, aliases, dtype=config.dtype, attn_implementation=config.attn_implementation)
     store.update_manifest(model=adapter.describe())

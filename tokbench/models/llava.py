@@ -58,25 +58,30 @@ class LlavaAdapter(ModelAdapter):
         return side, side
 
     def resize_to_tokens(self, image: Image.Image, n_tokens: int) -> Image.Image:
-        """A square crop at ``14 * floor(sqrt(n_tokens))`` px; the tower interpolates its position table."""
+        """A square crop at ``14 * floor(sqrt(n_tokens))`` px; the tower interpolates its position table.
+
+        The result is marked (``info["tokbench_side"]``) so that `preprocess` feeds it at that size
+        instead of resizing it back up to the tower's input size.
+        """
         side = self._patch * max(1, math.isqrt(n_tokens))
         image = image.convert("RGB")
         short = min(image.size)
         left, top = (image.width - short) // 2, (image.height - short) // 2
-        return image.crop((left, top, left + short, top + short)).resize((side, side), Image.BICUBIC)
+        resized = image.crop((left, top, left + short, top + short)).resize((side, side), Image.BICUBIC)
+        resized.info["tokbench_side"] = side
+        return resized
 
     def preprocess(self, images: list[list[Image.Image]], questions: list[str]) -> PreparedBatch:
-        """As the base class, but images smaller than the tower's size (downsampled) keep their size."""
-        side = self._image_size
-        small = {img.width for imgs in images for img in imgs if img.width < side}
-        if not small:
+        """As the base class; images downsampled by `resize_to_tokens` keep their reduced size."""
+        sides = {img.info.get("tokbench_side") for imgs in images for img in imgs}
+        if sides == {None}:
             return super().preprocess(images, questions)
-        if len(small) != 1:
-            raise ValueError("a batch mixes images downsampled to different sizes; use one budget per batch")
-        (size,) = small
+        if len(sides) != 1:
+            raise ValueError("a batch mixes downsampled and full-size images; use one budget per batch")
+        (side,) = sides
         ip = self.processor.image_processor
         saved = (ip.size, ip.crop_size)
-        ip.size, ip.crop_size = {"shortest_edge": size}, {"height": size, "width": size}
+        ip.size, ip.crop_size = {"shortest_edge": side}, {"height": side, "width": side}
         try:
             return super().preprocess(images, questions)
         finally:
