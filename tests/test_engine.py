@@ -275,3 +275,34 @@ def test_pool_and_downsample_counts(adapter):
     sample = down.samples[0]
     assert sample.n_visual == adapter.n_visual_tokens(image)
     assert 0 < sample.n_kept_input <= 30
+
+
+def test_llava_small_image_is_resized_up_not_cropped_down(llava):
+    out = Engine(llava, build_method("full", Budget.full())).generate([[noise_image(56, 40)]], ["q?"], [0], 1)
+    assert out.samples[0].n_visual == out.samples[0].n_kept_input == 64
+
+
+def test_merged_vision_states_identity_equals_full(adapter):
+    """Returning the feature layer's own states for every token through the projector changes nothing."""
+
+    @dataclass
+    class Identity:
+        budget: Budget
+        version = "test"
+        name = "identity"
+
+        def stages(self, model):
+            return [StageSpec(Stage.VISION, vision_layers=(model.vision_feature_layer,))]
+
+        def stage_count(self, spec, inputs):
+            return inputs.n_visual
+
+        def select(self, spec, inputs):
+            states = inputs.vision_hidden[spec.vision_layers[0]]
+            return KeepDecision(torch.arange(inputs.n_visual), vision_states=states)
+
+    images, questions = _batch(SIZES), QUESTIONS
+    full = Engine(adapter, build_method("full", Budget.full())).generate(images, questions, [0, 1, 2], 4)
+    out = Engine(adapter, Identity(Budget.full())).generate(images, questions, [0, 1, 2], 4)
+    assert [s.tokens for s in out.samples] == [s.tokens for s in full.samples]
+    torch.testing.assert_close(out.first_logits, full.first_logits, atol=1e-4, rtol=1e-4)
