@@ -84,6 +84,10 @@ def run(
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Override the task's generation length.")] = None,
     position_policy: Annotated[Optional[str], typer.Option(help="keep | reindex (default: the family's).")] = None,
     data_dir: Annotated[Optional[str], typer.Option(help="Local copy of the task's dataset.")] = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Real architecture, random weights (efficiency only).")
+    ] = False,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Cap Qwen2.5-VL's image pixels.")] = None,
     save_masks: Annotated[bool, typer.Option("--save-masks", help="Store kept token indices per stage.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output dir (default: results/).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Extra tokbench.toml to read.")] = None,
@@ -94,7 +98,7 @@ def run(
     """
     try:
         from tokbench.config import load_config
-        from tokbench.runner import RunConfig, validate
+        from tokbench.runner import RunConfig, RunValidationError, validate
 
         cfg = load_config(config)
         d = cfg.defaults
@@ -114,12 +118,21 @@ def run(
             max_new_tokens=max_new_tokens,
             position_policy=position_policy,
             data_dir=data_dir,
+            random_weights=random_weights,
+            max_pixels=max_pixels,
             save_masks=save_masks,
             output=str(output or d.get("output", "results")),
         )
         from tokbench.models import resolve_model
 
-        resolve_model(model, cfg.models)
+        target = resolve_model(model, cfg.models)
+        if random_weights:
+            from tokbench.models.random_weights import config_name
+
+            try:
+                config_name(model, target)
+            except ValueError as err:
+                raise RunValidationError(str(err)) from None
         validate(run_config)
     except typer.BadParameter:
         raise

@@ -33,6 +33,8 @@ class RunConfig:
     max_new_tokens: int | None = None
     position_policy: str | None = None
     data_dir: str | None = None
+    random_weights: bool = False
+    max_pixels: int | None = None
     save_masks: bool = False
     output: str = "results"
 
@@ -106,7 +108,14 @@ def run(
         settings={k: getattr(config, k) for k in ("output", "batch_size", "warmup", "save_masks")}
     )
     todo = [d for d in task.doc_ids() if d not in store.done_doc_ids()]
-    adapter = load_model(config.model, aliases, dtype=config.dtype, attn_implementation=config.attn_implementation)
+    adapter = load_model(
+        config.model,
+        aliases,
+        dtype=config.dtype,
+        attn_implementation=config.attn_implementation,
+        random_weights=config.random_weights,
+        max_pixels=config.max_pixels,
+    )
     store.update_manifest(model=adapter.describe())
     engine = Engine(adapter, method, config.position_policy, seed=config.seed, record_kept=config.save_masks)
     max_new = config.max_new_tokens or int(task.gen_kwargs.get("max_new_tokens", 16))

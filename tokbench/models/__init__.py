@@ -58,17 +58,31 @@ def load_model(
     dtype: str = "auto",
     attn_implementation: str = "auto",
     device: str | None = None,
+    random_weights: bool = False,
+    max_pixels: int | None = None,
 ) -> ModelAdapter:
-    """Load ``name`` (alias, hub id or local path) with ``from_pretrained`` and wrap it in its adapter."""
+    """Load ``name`` (alias, hub id or local path) with ``from_pretrained`` and wrap it in its adapter.
+
+    ``random_weights``: instantiate the real architecture from the shipped config instead (see
+    `tokbench.models.random_weights`); ``max_pixels`` caps Qwen2.5-VL's dynamic resolution there.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     target = resolve_model(name, aliases)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if random_weights:
+        from tokbench.models.random_weights import build_random, config_name
+
+        model, processor = build_random(
+            config_name(name, target), pick_dtype(dtype, device), pick_attention(attn_implementation, device),
+            device, max_pixels,
+        )
+        return _adapter(model, processor, name)
     if target.startswith("tiny:"):
         from tokbench.models.tiny import ensure_tiny
 
         target = str(ensure_tiny(target.removeprefix("tiny:")))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         config = AutoConfig.from_pretrained(target)
     except OSError as err:
@@ -87,7 +101,13 @@ def load_model(
     )
     model.eval()
     processor = AutoProcessor.from_pretrained(target)
-    module_name, _, cls_name = _FAMILIES[family].partition(":")
+    if max_pixels is not None and family == "qwen2_5_vl":
+        processor.image_processor.size["longest_edge"] = max_pixels
+    return _adapter(model, processor, name)
+
+
+def _adapter(model, processor, name: str) -> ModelAdapter:
+    module_name, _, cls_name = _FAMILIES[model.config.model_type].partition(":")
     adapter_cls = getattr(importlib.import_module(module_name), cls_name)
     return adapter_cls(model, processor, name)
 

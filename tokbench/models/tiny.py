@@ -100,98 +100,54 @@ def _qwen_config(vocab_size: int, ids: dict[str, int]):
     )
 
 
-def build_tiny_qwen(path: Path, seed: int = 0) -> Path:
-    """Write a tiny Qwen2.5-VL checkpoint (4 LLM layers, hidden 64; 4 ViT blocks) to ``path``."""
-    from transformers import (
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2Tokenizer,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def qwen_processor(min_pixels: int = 56 * 56, max_pixels: int = 448 * 448):
+    """A Qwen2.5-VL processor over an offline byte-level tokenizer; returns (processor, special ids)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    vocab = _byte_vocab(_QWEN_SPECIALS)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer = Qwen2Tokenizer(vocab=_byte_vocab(_QWEN_SPECIALS), merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": _QWEN_SPECIALS[1:]})
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _QWEN_SPECIALS}
-    # 224x224 .. 448x448 pixels -> 64 .. 256 merged visual tokens: large enough to prune, small for CPUs.
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=448 * 448)
     processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor,
+        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=_QWEN_CHAT_TEMPLATE,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(_qwen_config(len(tokenizer), ids))
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    _save_atomically(path, model, processor)
-    return path
+    return processor, ids
 
 
-def build_tiny_llava(path: Path, seed: int = 0) -> Path:
-    """Write a tiny LLaVA-1.5 checkpoint (CLIP ViT 4 layers at 112 px -> 64 patches; Llama 4 layers)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
+def qwen_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """Config fields that name special tokens, for a Qwen2.5-VL config over this tokenizer."""
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
     )
+
+
+def llava_processor(image_size: int, patch: int):
+    """A LLaVA-1.5 processor over an offline byte-level tokenizer (with BOS); returns (processor, ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     vocab = _byte_vocab(specials)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
+    backend.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.add_bos_token = True
-    from tokenizers.processors import TemplateProcessing
-
-    backend = tokenizer.backend_tokenizer
-    backend.post_processor = TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    image_size, patch = 112, 14
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=vocab["<image>"],
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=(image_size // patch) ** 2,
-        pad_token_id=vocab["<pad>"],
-    )
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -205,12 +161,104 @@ def build_tiny_llava(path: Path, seed: int = 0) -> Path:
         num_additional_image_tokens=1,
         chat_template=_LLAVA_CHAT_TEMPLATE,
     )
+    return processor, {tok: vocab[tok] for tok in specials}
+
+
+def llava_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    return dict(image_token_id=ids["<image>"], pad_token_id=ids["<pad>"])
+
+
+def build_tiny_qwen(path: Path, seed: int = 0) -> Path:
+    """Write a tiny Qwen2.5-VL checkpoint (4 LLM layers, hidden 64; 4 ViT blocks) to ``path``.
+
+    224x224 .. 448x448 pixels give 64 .. 256 merged visual tokens: enough to prune, small for CPUs.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor, ids = qwen_processor()
+    special = qwen_token_ids(ids)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(processor.tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=special["eos_token_id"],
+            pad_token_id=special["pad_token_id"],
+        ),
+        vision_config=dict(
+            depth=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1, 3],
+        ),
+        tie_word_embeddings=False,
+        **special,
+    )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = vocab["</s>"]
-    model.generation_config.pad_token_id = vocab["<pad>"]
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    _set_generation_ids(model, special["eos_token_id"], special["pad_token_id"])
     _save_atomically(path, model, processor)
     return path
+
+
+def build_tiny_llava(path: Path, seed: int = 0) -> Path:
+    """Write a tiny LLaVA-1.5 checkpoint (CLIP ViT 4 layers at 112 px -> 64 patches; Llama 4 layers)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    image_size, patch = 112, 14
+    processor, ids = llava_processor(image_size, patch)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch) ** 2,
+        **llava_token_ids(ids),
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    _set_generation_ids(model, ids["</s>"], ids["<pad>"])
+    _save_atomically(path, model, processor)
+    return path
+
+
+def _set_generation_ids(model, eos: int, pad: int) -> None:
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
 
 
 _BUILDERS = {"tiny-qwen2.5-vl": build_tiny_qwen, "tiny-llava": build_tiny_llava}
