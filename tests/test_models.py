@@ -1,0 +1,51 @@
+"""Model loading: aliases, local paths, tiny checkpoints through from_pretrained, real-size configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokbench.config import load_config
+from tokbench.models import ModelError, load_model, resolve_model
+from tokbench.models.random_weights import build_random, config_name, shipped_configs
+from tokbench.models.tiny import ensure_tiny
+
+
+def test_aliases_and_hub_ids_resolve():
+    aliases = load_config().models
+    assert resolve_model("qwen2.5-vl-7b", aliases) == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert resolve_model("llava-1.5-7b", aliases) == "llava-hf/llava-1.5-7b-hf"
+    assert resolve_model("someorg/some-vlm", aliases) == "someorg/some-vlm"
+    with pytest.raises(ModelError, match="did you mean tiny-llava"):
+        resolve_model("tiny-lava", aliases)
+
+
+def test_missing_hub_model_offline_is_a_clear_error():
+    with pytest.raises(ModelError, match="not a local checkpoint and not in the HF cache"):
+        load_model("someorg/not-a-real-vlm", {}, device="cpu")
+
+
+def test_tiny_checkpoint_loads_by_path_like_a_hub_model():
+    path = ensure_tiny("tiny-llava")
+    adapter = load_model(str(path), {}, dtype="float32", device="cpu")
+    assert adapter.family == "llava" and adapter.n_layers == 4
+    assert adapter.model.config._attn_implementation == "sdpa"
+    assert adapter.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("name", "params_b", "layers"),
+    [("qwen2.5-vl-3b", 3.75, 36), ("qwen2.5-vl-7b", 8.29, 28), ("llava-1.5-7b", 7.06, 32), ("llava-1.5-13b", 13.35, 40)],
+)
+def test_real_size_configs_match_released_parameter_counts(name, params_b, layers):
+    model, _ = build_random(name, torch.bfloat16, "sdpa", "meta")
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(params_b, abs=0.01)
+    assert model.config.get_text_config().num_hidden_layers == layers
+
+
+def test_random_weights_names():
+    assert config_name("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct") == "qwen2.5-vl-7b"
+    assert config_name("my-alias", "llava-hf/llava-1.5-13b-hf") == "llava-1.5-13b"
+    assert set(shipped_configs()) == {"qwen2.5-vl-3b", "qwen2.5-vl-7b", "llava-1.5-7b", "llava-1.5-13b"}
+    with pytest.raises(ValueError, match="no shipped config"):
+        config_name("tiny-llava", "tiny:tiny-llava")
