@@ -193,3 +193,6 @@ def list_(what: Annotated[str, typer.Argument(help="methods | tasks | models")])
             out.print(f"{alias}\t{target}")
     else:
         _fail(ValueError(f"cannot list {what!r}; use methods, tasks or models"), 2)
+
+
+from tokbench.cli_analysis import register; register(app)  # noqa: E402, E702 - sweep, report, regress, plot

@@ -250,6 +250,10 @@ _BUILTIN: dict[str, str] = {
     "fastv": "methods.fastv:FastV",
     "pool": "methods.pool:Pool",
     "downsample": "methods.downsample:Downsample",
+    "visionzip": "methods.visionzip:VisionZip",
+    "vscan": "methods.vscan:VScan",
+    "pyramiddrop": "methods.pyramiddrop:PyramidDrop",
+    "glimpseprune": "methods.glimpseprune:GlimpsePrune",
 }
 
 

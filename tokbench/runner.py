@@ -185,15 +185,12 @@ class _Recorder:
         except Exception as err:  # noqa: BLE001 - a failing batch is recorded, the run goes on
             return rows + [self._error_row(d.doc_id, f"{type(err).__name__}: {err}", len(docs)) for d in docs]
         for doc, sample in zip(docs, out.samples):
-            rows.append(self._row(doc, sample, out, memory, len(docs)))
+            rows.append(self._row(doc, sample, out, memory))
         return rows
 
-    def _row(self, doc, sample, out, memory, batch_size: int) -> dict[str, Any]:
-        from tokbench.metrics import kv_cache_mb, prefill_flops, retention_figures
+    def _row(self, doc, sample, out, memory) -> dict[str, Any]:
+        from tokbench.records import efficiency_fields
 
-        n_text = sample.seq_len_per_layer[0] - sample.kept_per_layer[0]
-        full_lens = [n_text + sample.n_visual] * len(sample.seq_len_per_layer)
-        timings = out.timings_ms
         scores = self.task.score(doc.doc_id, sample.text)
         row = {
             **self.base,
@@ -201,21 +198,7 @@ class _Recorder:
             "prediction": sample.text,
             "target": doc.target,
             "score": scores.get("score"),
-            "n_visual": sample.n_visual,
-            "n_kept_input": sample.n_kept_input,
-            "kept_per_layer": sample.kept_per_layer,
-            **retention_figures(sample.n_visual, sample.n_kept_input, sample.kept_per_layer, self.headline),
-            "flops_ratio": prefill_flops(self.shape, sample.seq_len_per_layer) / prefill_flops(self.shape, full_lens),
-            "ttft_ms": timings["ttft"],
-            "vision_ms": timings.get("vision", 0.0),
-            "select_ms": timings.get("select", 0.0),
-            "prefill_ms": timings.get("prefill", 0.0),
-            "e2e_ms": timings["e2e"],
-            "decode_ms_per_token": timings["decode"] / max(1, out.n_generated - 1),
-            "kv_cache_mb": kv_cache_mb(sample.kv_len_per_layer, 1, self.shape, self.adapter.dtype.itemsize),
-            "peak_mem_mb": memory.peak_mb,
-            "peak_mem_source": memory.source,
-            "batch_size": batch_size,
+            **efficiency_fields(sample, out, memory, self.shape, self.headline, self.adapter.dtype.itemsize),
             "error": None,
         }
         if self.config.save_masks:

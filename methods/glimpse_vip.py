@@ -1,0 +1,274 @@
+"""GlimpsePrune's trainable parts: the glimpse-token embeddings and the VIP ("attn fuser").
+
+Notation: ``n`` visual tokens, ``d`` LLM hidden size, ``d_v`` vision hidden size, ``h`` LLM heads,
+``F`` fuser width (``attn_fuse_size``, 256), ``C`` condition width (``visual_cond_size``, 512),
+``G`` fuser heads (``attn_fuse_num_heads``, 4), ``hd = (F + C) / G`` fuser head dim.
+
+Behaviour read from the official code (HVision-NKU/GlimpsePrune): `AttnFuserV1`, `AttnFuserLayer`,
+`CondSdpaAttention`, `MLP`, `_init_new_modules`, `_try_add_le`, `save_new_modules`/`load_new_modules` in
+``transformers_gp/models/qwen2_5_vl/model_gp.py`` and ``llava_gp/model/language_model/llava_llama.py``.
+Parameter names equal the official ones, so ``new_modules_gp.pt`` (a dict ``{"attn_fuser": state_dict,
+"learnable_embeddings": Tensor (len(le_layers), le_length, d), "le_proj": state_dict, "le_norm":
+state_dict}``) loads with ``strict=True``; ``config.json`` carries the settings under their official keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+@dataclass
+class GlimpseConfig:
+    """The official config keys GlimpsePrune reads (defaults: the shipped train configs)."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    vision_hidden_size: int  # official: vision_config.hidden_size (Qwen) / the CLIP tower's (LLaVA)
+    reduce_layer: int
+    selected_layers: tuple[int, ...]
+    le_layers: tuple[int, ...]
+    selected_visual_layers: tuple[int, ...]  # Qwen: ViT block indices; LLaVA: CLIP hidden_states indices
+    family: str = "qwen2_5_vl"
+    rms_norm_eps: float = 1e-6
+    use_attention_logits: bool = True  # Qwen True (raw q.k), LLaVA False (log-softmax)
+    attn_fuse_global: bool = True  # Qwen: full attention per image (False: 4x4 windows of merged tokens)
+    attn_fuse_type: str = "AttnFuserV1"
+    attn_fuse_size: int = 256
+    visual_cond_size: int = 512
+    attn_fuse_num_heads: int = 4
+    attn_fuse_hidden_act: str = "silu"
+    deep_supervision: bool = False
+    ori_attn_supervision: bool = False
+    le_length: int = 1
+    le_norm_type: str = "rmsnorm"
+    reduce_threshold: float = 0.5
+    min_remain_num: int | None = 1
+    max_remain_ratio: float | None = None
+    anchor_positions: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        """The official layout: GP keys top level, the vision width under ``vision_config``."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out["vision_config"] = {"hidden_size": out.pop("vision_hidden_size")}
+        out["model_type"] = "qwen2_5_vl_gp" if self.family == "qwen2_5_vl" else "llava_llama_gp"
+        out.pop("family")
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict, vision_hidden_size: int) -> GlimpseConfig:
+        """Read an official ``config.json`` (text settings top level or under ``text_config``)."""
+        text = raw.get("text_config") or {}
+        known = {f.name for f in fields(cls)}
+        values = {k: raw[k] if k in raw else text[k] for k in known if k in raw or k in text}
+        is_llava = "llava" in str(raw.get("model_type", "")) or "mm_vision_tower" in raw
+        values["family"] = "llava" if is_llava else "qwen2_5_vl"
+        values["vision_hidden_size"] = vision_hidden_size
+        for key in ("selected_layers", "le_layers", "selected_visual_layers", "anchor_positions"):
+            values[key] = tuple(values.get(key) or ())
+        return cls(**values)
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)`` in float32 (Qwen2RMSNorm / LlamaRMSNorm)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, size: int, inner: int, act: str):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(size, inner), nn.Linear(size, inner)
+        self.down_proj = nn.Linear(inner, size)
+        self.act = _ACT[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class CondAttention(nn.Module):
+    """Self-attention whose q/k see ``[hidden, condition]`` and whose v sees ``hidden`` only."""
+
+    def __init__(self, size: int, cond: int, heads: int):
+        super().__init__()
+        self.q_proj = nn.Linear(size + cond, size + cond, bias=False)
+        self.k_proj = nn.Linear(size + cond, size + cond, bias=False)
+        self.v_proj = nn.Linear(size, size, bias=False)
+        self.o_proj = nn.Linear(size, size, bias=False)
+        self.heads = heads
+
+    def forward(self, x, cond, cos, sin, mask):
+        """x (n, F), cond (n, C), cos/sin (n, hd), mask (n, n) bool or None -> (n, F)."""
+        n = x.shape[0]
+        qk_in = torch.cat([x, cond], dim=-1)
+        q = self.q_proj(qk_in).view(n, self.heads, -1).float()  # (n, G, hd)
+        k = self.k_proj(qk_in).view(n, self.heads, -1).float()
+        v = self.v_proj(x).view(n, self.heads, -1)  # (n, G, F / G)
+        q = (q * cos[:, None] + rotate_half(q) * sin[:, None]).to(x.dtype)  # 2-D vision RoPE
+        k = (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(x.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+
+class FuserLayer(nn.Module):
+    def __init__(self, size: int, cond: int, heads: int, act: str):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(size, 1e-6), RMSNorm(size, 1e-6)
+        self.attn = CondAttention(size, cond, heads)
+        self.mlp = MLP(size, size * 2, act)
+
+    def forward(self, x, cond, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cond, cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class VIP(nn.Module):
+    """The visual-token importance predictor (official ``AttnFuserV1``): one logit per visual token.
+
+    ``attn_in_proj`` lifts the probe's attention features (n, layers*h) to F; layer ``i`` conditions on
+    vision block ``selected_visual_layers[i]`` (deepest first) through ``cond_in_projs[i]``; the last
+    ``attn_out_projs`` entry (earlier ones are Identity unless ``deep_supervision``) gives the logits.
+    """
+
+    def __init__(self, cfg: GlimpseConfig):
+        super().__init__()
+        if cfg.attn_fuse_type != "AttnFuserV1":
+            raise ValueError(f"glimpseprune: attn_fuse_type {cfg.attn_fuse_type!r} is not supported (AttnFuserV1)")
+        layers = len(cfg.selected_visual_layers)
+        size, cond, heads = cfg.attn_fuse_size, cfg.visual_cond_size, cfg.attn_fuse_num_heads
+        if (size + cond) % heads:
+            raise ValueError(f"glimpseprune: attn_fuse_size + visual_cond_size must divide by {heads} heads")
+        self.attn_in_proj = nn.Linear(len(cfg.selected_layers) * cfg.num_attention_heads, size)
+        self.cond_in_projs = nn.ModuleList(nn.Linear(cfg.vision_hidden_size, cond) for _ in range(layers))
+        self.layers = nn.ModuleList(FuserLayer(size, cond, heads, cfg.attn_fuse_hidden_act) for _ in range(layers))
+        last = [cfg.deep_supervision or i == layers - 1 for i in range(layers)]
+        self.attn_out_projs = nn.ModuleList(nn.Linear(size, 1) if out else nn.Identity() for out in last)
+        self.head_dim = (size + cond) // heads
+        self.windowed = cfg.family == "qwen2_5_vl" and not cfg.attn_fuse_global
+
+    def rope(self, token_rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (n, hd): row then column frequencies over hd/4 each, duplicated (Qwen vision RoPE)."""
+        dim = self.head_dim // 2
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float, device=token_rc.device) / dim))
+        angles = (token_rc.float()[:, :, None] * inv_freq).flatten(1)  # (n, 2 * dim/2): rows, then cols
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], token_rc: torch.Tensor, image_id: torch.Tensor):
+        """attn (n, layers*h), conds[i] (n, d_v), token_rc (n, 2), image_id (n,) -> logits (n,).
+
+        Tokens attend within their own image (official per-image ``cu_seqlens``), and within their
+        4x4 window of merged tokens when the Qwen fuser is not global.
+        """
+        mask = image_id[:, None] == image_id[None, :]
+        if self.windowed:
+            window = token_rc // 4
+            mask = mask & (window[:, None] == window[None, :]).all(-1)
+        mask = None if bool(mask.all()) else mask[None]
+        cos, sin = self.rope(token_rc)
+        hidden = self.attn_in_proj(attn)  # (n, F)
+        for cond_proj, layer, cond in zip(self.cond_in_projs, self.layers, conds):
+            hidden = layer(hidden, cond_proj(cond), cos, sin, mask)
+        return self.attn_out_projs[-1](hidden)[:, 0]
+
+
+@torch.no_grad()
+def init_official(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """The official ``_init_weights`` for new modules: unit norms, zero biases, Xavier-uniform matrices."""
+    for name, param in module.named_parameters():
+        if "norm" in name or name.endswith("bias"):
+            param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        else:
+            bound = math.sqrt(6.0 / (param.shape[0] + param.shape[1]))
+            param.copy_(torch.rand(param.shape, generator=generator) * 2 * bound - bound)
+    return module
+
+
+class GlimpseModules(nn.Module):
+    """Everything GlimpsePrune trains: the VIP and the per-layer glimpse embeddings (+ Linear, norm)."""
+
+    def __init__(self, cfg: GlimpseConfig):
+        super().__init__()
+        if cfg.le_length != 1:
+            raise ValueError(f"glimpseprune: le_length {cfg.le_length} is not supported (one glimpse token)")
+        if 0 not in cfg.le_layers:
+            raise ValueError("glimpseprune: le_layers must include 0 (the glimpse token's input embedding)")
+        self.cfg = cfg
+        self.attn_fuser = VIP(cfg)
+        d = cfg.hidden_size
+        self.learnable_embeddings = nn.Parameter(torch.zeros(len(cfg.le_layers), cfg.le_length, d))
+        self.le_proj = nn.Linear(d, d)
+        norm = {"rmsnorm": lambda: RMSNorm(d, cfg.rms_norm_eps), "layernorm": lambda: nn.LayerNorm(d)}
+        self.le_norm = norm[cfg.le_norm_type]()
+
+    def init_untrained(self, seed: int) -> GlimpseModules:
+        """Random official initialisation: Linear/norm from ``seed``, VIP ``seed + 1``, embeddings ``seed + 2``."""
+        init_official(self.attn_fuser, torch.Generator().manual_seed(seed + 1))
+        glimpse = nn.ModuleDict({"le_proj": self.le_proj, "le_norm": self.le_norm})
+        init_official(glimpse, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed + 2)
+            self.learnable_embeddings.copy_(torch.randn(self.learnable_embeddings.shape, generator=g) * 0.02)
+        return self
+
+    @torch.no_grad()
+    def layer_vectors(self) -> torch.Tensor:
+        """(max(le_layers) + 1, d): row ``l`` = ``le_norm(le_proj(learnable_embeddings[le_layers.index(l)]))``
+        (official ``_append_le`` for layer 0, ``_try_add_le`` before layer ``l > 0``), zero elsewhere."""
+        effective = self.le_norm(self.le_proj(self.learnable_embeddings[:, 0].float()))  # (len(le_layers), d)
+        out = torch.zeros(max(self.cfg.le_layers) + 1, self.cfg.hidden_size)
+        out[list(self.cfg.le_layers)] = effective
+        return out
+
+    def official_state(self) -> dict:
+        return {
+            "attn_fuser": self.attn_fuser.state_dict(),
+            "learnable_embeddings": self.learnable_embeddings.data,
+            "le_proj": self.le_proj.state_dict(),
+            "le_norm": self.le_norm.state_dict(),
+        }
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``config.json`` + ``new_modules_gp.pt`` as the official ``save_new_modules`` does."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
+        torch.save(self.official_state(), directory / "new_modules_gp.pt")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> GlimpseModules:
+        """Read an official checkpoint directory (strict key and shape match)."""
+        directory = Path(directory)
+        state = torch.load(directory / "new_modules_gp.pt", map_location="cpu", weights_only=True)
+        fuser = dict(state["attn_fuser"])
+        fuser.pop("rotary_pos_emb.inv_freq", None)  # a non-persistent buffer; tolerated if present
+        vision_hidden_size = fuser["cond_in_projs.0.weight"].shape[1]
+        cfg = GlimpseConfig.from_json(json.loads((directory / "config.json").read_text()), vision_hidden_size)
+        modules = cls(cfg)
+        modules.attn_fuser.load_state_dict(fuser, strict=True)
+        with torch.no_grad():
+            modules.learnable_embeddings.copy_(state["learnable_embeddings"])
+        modules.le_proj.load_state_dict(state["le_proj"], strict=True)
+        modules.le_norm.load_state_dict(state["le_norm"], strict=True)
+        return modules.float().eval()

@@ -1,0 +1,222 @@
+"""`glimpseprune`: GlimpsePrune (Zeng et al., arXiv 2508.01548, "A Glimpse to Compress"), Sec. 3.
+
+Notation: ``n`` visual tokens, ``d`` LLM hidden size, ``h`` LLM heads, ``K`` the glimpse layer.
+
+Stage `glimpse` (Sec. 3.2, official ``_glimpse_forward`` / ``_get_remain_masks`` / ``_reduce_tokens``):
+- a learnable glimpse token is appended after the prompt (official id = eos, position last + 1); its
+  input embedding is ``le_norm(le_proj(E[0]))`` and before every layer ``l`` in ``le_layers`` (all
+  layers in the shipped configs) ``le_norm(le_proj(E[l]))`` is added to its hidden state;
+- at layer K (``selected_layers = reduce_layer = K``) its attention row to the image tokens is taken
+  per head: raw ``q.k / sqrt(hd)`` for Qwen2.5-VL (``use_attention_logits=True``), log-softmax for
+  LLaVA (``False``);
+- the VIP (Sec. 3.3, `methods/glimpse_vip.py`) turns these features, vision-tower states (Qwen: ViT
+  blocks 31, 23, 15, 7, each 2x2 unit averaged; LLaVA: CLIP ``hidden_states[23, 17, 11, 5]`` = block
+  outputs 22, 16, 10, 4) and 2-D RoPE over the token grid into one logit per visual token;
+- dynamic keep (Eq. in Sec. 3.3, ``_get_remain_masks``): ``sigmoid(logit) > reduce_threshold`` (0.5);
+  if the kept share exceeds ``max_remain_ratio`` keep exactly the top ``int(ratio n)``; if fewer than
+  ``min_remain_num`` (1) survive, add the top ones. The engine then drops the rest from the hidden
+  states and from the KV cache of layers 0..K, removes the glimpse token and runs layers K+1.. on the
+  kept tokens (``headline_retention = "final"``).
+K (official configs): Qwen2.5-VL-7B 18 of 28, 3B 23 of 36, LLaVA-1.5-7B 21 of 32, 13B 26 of 40; a
+checkpoint's ``config.json`` decides; untrained on other depths ``min(round(2 L / 3), L - 2)``.
+
+Budgets: no budget (``Budget.full()``, ratio 1.0) = the official dynamic default, capped by
+``max_remain_ratio`` (method arg, else the checkpoint's, ``None`` = no cap: the README's "no retention
+rate limit"); ``Budget.dynamic(c)`` = dynamic capped at ``c`` (the README's ``MAX_REMAIN_RATIO=0.111``);
+``--ratio r < 1`` / ``--budget k`` = the fixed-ratio efficiency mode: exactly the top ``k`` by VIP logit.
+Weights: ``weights=DIR|hub id`` with ``config.json`` + ``new_modules_gp.pt`` (official layout); default per
+base model (``ashun989/GlimpsePrune_*``); ``allow_untrained=true`` uses a seeded random init (tests).
+One instance serves one model at a time: `stages` loads the weights for the model it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from methods.glimpse_vip import VIP, GlimpseConfig, GlimpseModules, init_official
+from tokbench.pruner import (
+    Budget,
+    GlimpseProbe,
+    KeepDecision,
+    ModelInfo,
+    Stage,
+    StageInputs,
+    StageSpec,
+    register_method,
+)
+
+DEFAULT_WEIGHTS = (  # (pattern in ModelInfo.name, hub ids to try), from the official README
+    (r"qwen2\.5-vl-3b", ("ashun989/GlimpsePrune_Qwen2.5-VL-3B-Instruct",)),
+    (r"qwen2\.5-vl-7b", ("ashun989/GlimpsePrune_Qwen2.5-VL-7B-Instruct",)),
+    # the README links "_LLaVA"; the hub pages seen are "-LLaVA": try both
+    (r"llava-v?1\.5-7b", ("ashun989/GlimpsePrune_LLaVA-1.5-7B", "ashun989/GlimpsePrune-LLaVA-1.5-7B")),
+    (r"llava-v?1\.5-13b", ("ashun989/GlimpsePrune_LLaVA-1.5-13B", "ashun989/GlimpsePrune-LLaVA-1.5-13B")),
+)
+OFFICIAL_LAYER = {("qwen2_5_vl", 28): 18, ("qwen2_5_vl", 36): 23, ("llava", 32): 21, ("llava", 40): 26}
+
+
+def keep_dynamic(logits: torch.Tensor, threshold: float, max_ratio: float | None, min_num: int | None) -> torch.Tensor:
+    """Official ``_get_remain_masks`` on one sample's logits (n,) -> sorted kept indices."""
+    keep = logits.sigmoid() > threshold
+    n = logits.numel()
+    if max_ratio is not None and int(keep.sum()) / n > max_ratio:
+        keep = torch.zeros_like(keep)
+        keep[logits.topk(int(max_ratio * n)).indices] = True
+    if min_num is not None and int(keep.sum()) < min_num:
+        keep[logits.topk(min(min_num, n)).indices] = True
+    return keep.nonzero()[:, 0]
+
+
+def default_config(model: ModelInfo) -> GlimpseConfig:
+    """The shipped train configs' settings scaled to ``model`` (for untrained runs)."""
+    k = OFFICIAL_LAYER.get((model.family, model.n_layers), min(round(2 * model.n_layers / 3), model.n_layers - 2))
+    depth = model.vision_depth
+    if model.family == "qwen2_5_vl":  # the full-attention ViT blocks, deepest first (31, 23, 15, 7)
+        visual = tuple(sorted(model.vision_full_attention, reverse=True))
+    else:  # CLIP hidden_states indices 23, 17, 11, 5 of 24 blocks (index 0, the embeddings, is not offered)
+        visual = tuple(dict.fromkeys(max(1, round(depth - 1 - j * depth / 4)) for j in range(4)))
+    return GlimpseConfig(
+        hidden_size=model.hidden_size, num_attention_heads=model.n_heads, num_hidden_layers=model.n_layers,
+        vision_hidden_size=1280 if model.family == "qwen2_5_vl" else 1024, reduce_layer=k, selected_layers=(k,),
+        le_layers=tuple(range(model.n_layers)), selected_visual_layers=visual, family=model.family,
+        use_attention_logits=model.family == "qwen2_5_vl",
+    )
+
+
+@register_method("glimpseprune")
+@dataclass
+class GlimpsePrune:
+    """A learnable glimpse token + VIP pick the question-relevant visual tokens at layer K."""
+
+    budget: Budget
+    weights: str = ""  # DIR or hub id with config.json + new_modules_gp.pt; "": the base model's default
+    allow_untrained: bool = False  # seeded random glimpse token and VIP (tests only)
+    threshold: float | None = None  # None: the checkpoint's reduce_threshold (0.5)
+    max_remain_ratio: float | None = None  # None: the checkpoint's (no cap in the official default)
+    min_remain_num: int | None = None  # None: the checkpoint's (1)
+    seed: int = 0
+    version = "1"
+    headline_retention = "final"
+
+    # --- weights ----------------------------------------------------------------------------------
+    def modules_for(self, model: ModelInfo) -> GlimpseModules:
+        """Load (or, untrained, build) the glimpse modules for ``model``; cached on the instance."""
+        cached = getattr(self, "_modules", None)
+        if cached is not None and getattr(self, "_model", None) == model:
+            return cached
+        if self.allow_untrained and not self.weights:
+            modules = GlimpseModules(default_config(model)).init_untrained(self.seed).eval()
+        else:
+            modules = GlimpseModules.load(self._weights_dir(model))
+        self._check(modules.cfg, model)
+        self._modules, self._model, self._vips = modules, model, {}
+        return modules
+
+    def _weights_dir(self, model: ModelInfo) -> Path:
+        name = model.name.lower()
+        sources = (self.weights,) if self.weights else next((h for p, h in DEFAULT_WEIGHTS if re.search(p, name)), ())
+        hint = "pass --method-arg weights=PATH (a directory with config.json and new_modules_gp.pt, or a hub id)"
+        if not sources:
+            raise ValueError(f"glimpseprune has no default weights for {model.name!r}; {hint}")
+        if Path(sources[0]).expanduser().is_dir():
+            return Path(sources[0]).expanduser()
+        reason = ""
+        for source in sources:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                hf_hub_download(source, "config.json")
+                return Path(hf_hub_download(source, "new_modules_gp.pt")).parent
+            except (OSError, ValueError, ImportError) as err:  # offline, not cached, bad id, no such repo
+                reason = err.__class__.__name__
+        raise ValueError(f"glimpseprune cannot fetch weights {sources[0]!r} ({reason}); {hint}")
+
+    @staticmethod
+    def _check(cfg: GlimpseConfig, model: ModelInfo) -> None:
+        got = (cfg.family, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads)
+        want = (model.family, model.n_layers, model.hidden_size, model.n_heads)
+        if got != want:
+            raise ValueError(f"glimpseprune weights are for (family, layers, hidden, heads) = {got}; the model: {want}")
+        if not max(cfg.selected_layers) <= cfg.reduce_layer <= model.n_layers - 1:
+            raise ValueError(f"glimpseprune: selected_layers {cfg.selected_layers} / reduce_layer {cfg.reduce_layer}")
+        if cfg.anchor_positions:
+            raise ValueError("glimpseprune: anchor_positions are not supported")
+
+    def save_weights(self, path: str | Path) -> None:
+        """Write the current glimpse modules as ``config.json`` + ``new_modules_gp.pt`` (official layout)."""
+        if getattr(self, "_modules", None) is None:
+            raise ValueError("glimpseprune: no weights yet; call stages(model) first")
+        self._modules.save(path)
+
+    # --- the Pruner contract ------------------------------------------------------------------------
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
+        cfg = self.modules_for(model).cfg
+        blocks = [v if cfg.family == "qwen2_5_vl" else v - 1 for v in cfg.selected_visual_layers]
+        if not all(0 <= b < model.vision_depth for b in blocks):
+            layers, depth = cfg.selected_visual_layers, model.vision_depth
+            raise ValueError(f"glimpseprune: vision layers {layers} outside the {depth}-block tower")
+        return [StageSpec(Stage.GLIMPSE, layer=cfg.reduce_layer, vision_layers=tuple(blocks))]
+
+    def probe(self, model: ModelInfo) -> GlimpseProbe:
+        modules = self.modules_for(model)
+        vectors = modules.layer_vectors()  # (max(le_layers) + 1, d)
+        layer_embeds = vectors[: modules.cfg.reduce_layer + 1].clone()
+        layer_embeds[0] = 0  # layer 0's vector is the token's input embedding itself (official _append_le)
+        return GlimpseProbe(vectors[0], layer_embeds, tuple(modules.cfg.selected_layers))
+
+    def dynamic_cap(self) -> float | None:
+        """The ``max_remain_ratio`` of the dynamic mode (None: uncapped)."""
+        if self.budget.kind == "dynamic" and self.budget.value is not None:
+            return self.budget.value
+        return self.max_remain_ratio if self.max_remain_ratio is not None else self._modules.cfg.max_remain_ratio
+
+    def is_dynamic(self) -> bool:
+        return self.budget.kind == "dynamic" or self.budget == Budget.full()
+
+    def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
+        return None if self.is_dynamic() else inputs.budget_count
+
+    def vip_logits(self, spec: StageSpec, inputs: StageInputs) -> torch.Tensor:
+        """(n,) VIP logits from ``extras["probe_logits"]`` (layers, h, n) and the vision states."""
+        cfg = self._modules.cfg
+        attn = inputs.extras["probe_logits"].float()
+        if not cfg.use_attention_logits:  # LLaVA: log-softmax; normalised over the visual keys only (see docs)
+            attn = attn - attn.logsumexp(dim=-1, keepdim=True)
+        n = attn.shape[-1]
+        features = attn.permute(2, 0, 1).reshape(n, -1)  # (n, layers * h), official layer-major order
+        conds = [inputs.vision_hidden[b].float().mean(dim=1) for b in spec.vision_layers]  # (n, d_v) each
+        rc = inputs.token_rc.to(attn.device)
+        image_id = (rc == 0).all(dim=1).long().cumsum(0) - 1  # a new image starts at row 0, col 0
+        with torch.no_grad():
+            return self._vip(conds[0].shape[-1], attn.device)(features, conds, rc, image_id)
+
+    def _vip(self, vision_hidden_size: int, device: torch.device) -> VIP:
+        key = (vision_hidden_size, str(device))
+        if key not in self._vips:
+            modules = self._modules
+            if modules.cfg.vision_hidden_size != vision_hidden_size:
+                if not (self.allow_untrained and not self.weights):
+                    raise ValueError(
+                        f"glimpseprune weights expect {modules.cfg.vision_hidden_size}-d vision states, "
+                        f"got {vision_hidden_size}"
+                    )
+                modules.cfg = replace(modules.cfg, vision_hidden_size=vision_hidden_size)  # untrained: size it now
+                modules.attn_fuser = init_official(VIP(modules.cfg), torch.Generator().manual_seed(self.seed + 1))
+            self._vips[key] = copy.deepcopy(modules.attn_fuser).to(device).float().eval()
+        return self._vips[key]
+
+    def select(self, spec: StageSpec, inputs: StageInputs) -> KeepDecision:
+        logits = self.vip_logits(spec, inputs)
+        if self.is_dynamic():
+            cfg = self._modules.cfg
+            threshold = self.threshold if self.threshold is not None else cfg.reduce_threshold
+            min_num = self.min_remain_num if self.min_remain_num is not None else cfg.min_remain_num
+            index = keep_dynamic(logits, threshold, self.dynamic_cap(), min_num)
+        else:
+            index = logits.topk(inputs.budget_count).indices.sort().values
+        return KeepDecision(index, scores=logits)

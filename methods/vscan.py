@@ -1,0 +1,157 @@
+"""`vscan`: VScan (Zhang et al., TMLR 2026, arXiv 2505.22654), Sec. 4.1 and 4.2.
+
+Notation: ``n`` visual tokens, ``d`` LLM hidden size, ``h`` heads, ``L`` LLM layers, ``B`` budget
+(the layer-averaged visual token count), ``T1``/``T2`` tokens kept by stage 1/2.
+
+Stage 1, `vision` (Sec. 4.1, "complementary global and local scans with token merging"):
+- local scan: split the token grid into windows and keep the highest-scoring tokens of each window by
+  a shallow block's attention (LLaVA: CLS attention at CLIP block 5 of 24, 6x6-token windows = 4x4
+  windows over 24x24; Qwen2.5-VL: attention received at the first full-attention block (7), 4x4-token
+  windows). Tokens are taken in descending score, each window capped at ``ceil(local / windows)``;
+  rows/columns left over by the window size join the last window (official Qwen ``window_selection``;
+  with a count divisible by the windows this is LLaVA's exact per-window top-k);
+- global scan: the highest-scoring remaining tokens by the feature block's attention (LLaVA: CLS
+  attention at block -2; Qwen: attention received at the last block), local picks excluded;
+  ``local = floor(T1 (1 - global_share))``, ``global = T1 - local`` with ``global_share = 0.5``;
+- merging: every unselected token joins its most cosine-similar selected token; each selected token
+  becomes ``(self + sum(members)) / (1 + count)``. As in the official code this acts on the projected
+  visual tokens (LLM space: after ``mm_projector`` for LLaVA, after the merger for Qwen).
+Scores: CLS attention averaged over heads (CLIP), or attention received (sum over heads, mean over
+queries and over each 2x2 merge unit), as the official code computes them.
+
+Stage 2, `llm` (Sec. 4.2, middle-layer pruning): after layer ``round(mid_layer L) - 1`` keep the ``T2``
+tokens the last prompt token attends to most (softmax over all keys, mean over heads), scored with the
+next layer's q/k projections (official ``layer_prune`` uses ``layers[16]`` after 16 layers); LLaVA
+applies RoPE when scoring, Qwen2.5-VL does not. Official: LLaVA layer 16 of 32, Qwen 14 of 28.
+
+Budget (``headline_retention = "layer_avg"``): with ``p = mid_layer`` and ``s = mid_keep``,
+``T1 = round(B / (p + (1 - p) s))`` (at most ``n``) and ``T2 = round((B - p T1) / (1 - p))``, so that
+the average over layers is ``B``: LLaVA 64 -> 96 / 32 (the official scripts), 128 -> 192 / 64,
+192 -> 288 / 96; Qwen ``--ratio 0.111`` -> 16.7% then a third of it (official 0.167 / 0.333).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
+
+
+def stage_counts(budget: int, n: int, mid_layer: float, mid_keep: float) -> tuple[int, int]:
+    """(T1, T2) for a layer-averaged budget: ``stage_counts(64, 576, 0.5, 1/3) == (96, 32)``."""
+    t1 = min(n, max(1, round(budget / (mid_layer + (1 - mid_layer) * mid_keep))))
+    t2 = round((budget - mid_layer * t1) / (1 - mid_layer))
+    return t1, min(t1, max(1, t2))
+
+
+def window_ids(token_rc: torch.Tensor, window: int) -> torch.Tensor:
+    """(n,) window id of each token; a new image starts where row/col return to (0, 0)."""
+    image = (token_rc == 0).all(dim=1).long().cumsum(0) - 1  # (n,)
+    ids = torch.empty_like(image)
+    offset = 0
+    for i in range(int(image.max()) + 1):
+        rc = token_rc[image == i]
+        rows, cols = (rc.max(dim=0).values + 1).tolist()
+        n_h, n_w = max(1, rows // window), max(1, cols // window)
+        r = (rc[:, 0] // window).clamp(max=n_h - 1)  # leftover rows/cols join the last window
+        c = (rc[:, 1] // window).clamp(max=n_w - 1)
+        ids[image == i] = offset + r * n_w + c
+        offset += n_h * n_w
+    return ids
+
+
+def local_scan(score: torch.Tensor, windows: torch.Tensor, count: int) -> torch.Tensor:
+    """Up to ``count`` tokens by descending ``score``, at most ``ceil(count / n_windows)`` per window.
+
+    Equivalent to the official greedy loop: a token is taken iff its rank inside its window is below
+    the cap, until ``count`` tokens are taken. Returns indices (LongTensor, (<= count,)).
+    """
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=score.device)
+    n_windows = int(windows.max()) + 1
+    cap = math.ceil(count / n_windows)
+    order = score.argsort(descending=True, stable=True)
+    rank = torch.empty_like(order)
+    for w in windows.unique():  # rank of each token inside its window, by score
+        members = order[windows[order] == w]
+        rank[members] = torch.arange(members.numel(), device=score.device)
+    eligible = order[rank[order] < cap]  # descending score
+    return eligible[:count]
+
+
+def merge_into_kept(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(n, d) tokens, sorted ``keep`` -> (k, d): kept token = (self + sum(joined)) / (1 + count)."""
+    is_kept = torch.zeros(states.shape[0], dtype=torch.bool, device=states.device)
+    is_kept[keep] = True
+    kept, others = states[keep].float(), states[~is_kept].float()
+    if others.shape[0] == 0:
+        return states[keep]
+    nearest = (F.normalize(others, dim=-1) @ F.normalize(kept, dim=-1).T).argmax(dim=1)  # (n - k,)
+    merged = kept.index_add(0, nearest, others)
+    counts = 1 + torch.bincount(nearest, minlength=kept.shape[0]).float()
+    return (merged / counts[:, None]).to(states.dtype)
+
+
+def _scan_score(stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n,) CLS attention averaged over heads (CLIP) or attention received (Qwen2.5-VL)."""
+    return stats["cls"].float().mean(dim=0) if "cls" in stats else stats["received"].float()
+
+
+@register_method("vscan")
+@dataclass
+class VScan:
+    """Global + local scans with merging in the vision stage, then middle-layer pruning in the LLM."""
+
+    budget: Budget
+    mid_layer: float = 0.5  # stage 2 after this fraction of the layers: 16 of 32 (LLaVA), 14 of 28 (Qwen)
+    mid_keep: float = 1 / 3  # T2 / T1: 32 of 96 (LLaVA), 0.333 (Qwen)
+    global_share: float = 0.5  # share of T1 from the global scan
+    window: int = 0  # window side in tokens; 0: LLaVA rows // 4 (6 at 24x24), Qwen 4
+    local_depth: float = 5 / 24  # LLaVA's shallow CLS-attention block as a fraction of the tower (5 of 24)
+    version = "1"
+    headline_retention = "layer_avg"
+
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
+        rank = round(self.mid_layer * model.n_layers)  # layers run on T1 tokens
+        if not 1 <= rank <= model.n_layers - 1 or not 0 < self.mid_keep <= 1:
+            raise ValueError(
+                f"vscan: mid_layer={self.mid_layer}, mid_keep={self.mid_keep} do not fit {model.n_layers} layers"
+            )
+        depth, qwen = model.vision_depth, model.family == "qwen2_5_vl"
+        if qwen:  # first full-attention block (local), last block (global)
+            blocks = (model.vision_full_attention[0], model.vision_full_attention[-1])
+        else:  # CLIP block 5 of 24 (local), the feature block -2 (global)
+            blocks = (min(depth - 1, round(self.local_depth * depth)), model.vision_feature_layer % depth)
+        return [
+            StageSpec(Stage.VISION, vision_attention=blocks),
+            StageSpec(Stage.LLM, layer=rank - 1, attention_from="next", attention_rope=not qwen),
+        ]
+
+    def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
+        if inputs.budget_count is None:
+            raise ValueError("vscan needs a ratio or token budget, not a dynamic one")
+        t1, t2 = stage_counts(inputs.budget_count, inputs.n_visual_original, self.mid_layer, self.mid_keep)
+        return t1 if spec.stage == Stage.VISION else min(t2, inputs.n_visual)
+
+    def select(self, spec: StageSpec, inputs: StageInputs) -> KeepDecision:
+        count = self.stage_count(spec, inputs)
+        if spec.stage == Stage.LLM:
+            score = inputs.text_attention.float().mean(dim=0)  # (h, n) -> (n,)
+            return KeepDecision(score.topk(count).indices.sort().values, scores=score)
+        local_block, global_block = spec.vision_attention
+        stats = inputs.extras["vision_attention"]
+        embeds = inputs.visual_embeds  # (n, d)
+        if count >= inputs.n_visual:
+            return KeepDecision(torch.arange(inputs.n_visual, device=embeds.device))
+        window = self.window or (4 if "cls" not in stats[local_block] else max(1, inputs.grid_hw[0] // 4))
+        windows = window_ids(inputs.token_rc, window).to(embeds.device)
+        shallow = _scan_score(stats[local_block]).to(embeds.device)
+        local = local_scan(shallow, windows, int(count * (1 - self.global_share)))
+        deep = _scan_score(stats[global_block]).to(embeds.device)
+        deep[local] = float("-inf")  # the official code zeroes them; -inf also covers all-zero scores
+        keep = torch.cat([local, deep.topk(count - local.numel()).indices]).sort().values
+        return KeepDecision(keep, states=merge_into_kept(embeds, keep), scores=deep)

@@ -1,0 +1,18 @@
+"""vstar_synth data hook. Prompt and scoring come from lmms-eval's vstar_bench (see the YAML)."""
+
+from __future__ import annotations
+
+PLACEHOLDER_COLUMN = "tokbench_placeholder"
+
+
+def process_docs(dataset):
+    """Swap the one-row placeholder for the generated dataset; real data (an override) passes through."""
+    if PLACEHOLDER_COLUMN not in dataset.column_names:
+        return dataset
+    import datasets
+
+    from tokbench.synth import data_root, ensure_vstar_synth, quiet_datasets
+
+    path = ensure_vstar_synth() / "test.parquet"
+    with quiet_datasets():
+        return datasets.Dataset.from_parquet(str(path), cache_dir=str(data_root() / "hf-datasets"))

@@ -1,0 +1,92 @@
+"""End-to-end CLI runs on the tiny models, offline, and the one-line errors for bad usage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tokbench.cli import app
+from tokbench.store import SAMPLE_FIELDS
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-llava"])
+def test_run_writes_samples_and_manifest(tmp_path, model):
+    result = _run(
+        "run", "--method", "random", "--budget", "16", "--task", "vstar-synth", "--model", model,
+        "--limit", "4", "--batch-size", "2", "--warmup", "1", "--output", str(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["doc_id"] for r in rows} == set(range(4)) or len({r["doc_id"] for r in rows}) == 4
+    for row in rows:
+        assert set(SAMPLE_FIELDS) <= row.keys()
+        assert row["error"] is None
+        assert row["n_kept_input"] == 16
+        assert row["retention_input"] == pytest.approx(16 / row["n_visual"])
+        assert row["kept_per_layer"] == [16] * len(row["kept_per_layer"])
+        assert row["score"] in (0.0, 1.0)
+        assert row["ttft_ms"] > 0 and 0 < row["flops_ratio"] < 1
+        assert row["batch_size"] == 2 and row["model"] == model and row["method"] == "random"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["method"] == "random" and manifest["config"]["budget"] == 16
+    assert manifest["summary"]["n"] == 4
+    assert "torch" in manifest["environment"] and manifest["model"]["family"] in ("qwen2_5_vl", "llava")
+    assert "accuracy" in result.output
+
+
+def test_rerun_resumes_without_duplicates(tmp_path):
+    args = ["run", "--method", "full", "--task", "vstar-synth", "--model", "tiny-qwen2.5-vl", "--output", str(tmp_path)]
+    assert _run(*args, "--limit", "2").exit_code == 0
+    assert _run(*args, "--limit", "2").exit_code == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    lines = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--method", "fastvv"], "did you mean fastv"),
+        (["--method", "random", "--ratio", "1.5"], "outside (0, 1]"),
+        (["--method", "random", "--ratio", "0"], "outside (0, 1]"),
+        (["--method", "random", "--budget", "0"], ">= 1"),
+        (["--method", "fastv", "--method-arg", "layer=3"], "does not accept argument 'layer'"),
+        (["--method", "random", "--task", "no-such-task"], "no-such-task"),
+        (["--method", "random", "--model", "./missing/model"], "unknown model"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(tmp_path, args, message):
+    base = {"--task": "vstar-synth", "--model": "tiny-qwen2.5-vl"}
+    for key, value in base.items():
+        if key not in args:
+            args = [*args, key, value]
+    result = _run("run", *args, "--output", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_unknown_method_lists_known_ones(tmp_path):
+    result = _run("run", "--method", "nope", "--task", "vstar-synth", "--output", str(tmp_path))
+    for name in ("full", "random", "fastv", "pool", "downsample"):
+        assert name in result.output
+
+
+def test_list_commands():
+    methods = _run("list", "methods")
+    assert methods.exit_code == 0 and "fastv" in methods.output.split()
+    models = _run("list", "models")
+    assert "tiny-llava" in models.output and "Qwen/Qwen2.5-VL-7B-Instruct" in models.output
+    tasks = _run("list", "tasks")
+    assert tasks.exit_code == 0 and "vstar-synth" in tasks.output

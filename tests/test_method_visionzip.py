@@ -1,0 +1,166 @@
+"""VisionZip: dominant tokens by attention, contextual merge by key similarity, counts, and both tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import noise_image, tiny_adapter
+
+from methods.visionzip import VisionZip, contextual_merge, split_budget
+from tokbench.engine import Engine
+from tokbench.pruner import Budget, ModelInfo, Stage, StageInputs, build_method
+
+LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
+QWEN_7B = ModelInfo("qwen2_5_vl", "qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)
+
+
+def _inputs(hidden, stats, budget, block=-2, rows=None):
+    n = hidden.shape[0]
+    rows = rows or int(n**0.5)
+    rc = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(n // rows), indexing="ij"), -1).reshape(-1, 2)
+    return StageInputs(
+        n_visual=n,
+        n_visual_original=n,
+        grid_hw=(rows, n // rows),
+        token_rc=rc,
+        budget_count=budget,
+        vision_hidden={block: hidden},
+        extras={"vision_attention": {block: stats}},
+    )
+
+
+def _spec(model=LLAVA_7B):
+    return VisionZip(Budget.tokens(64)).stages(model)[0]
+
+
+def test_official_budget_splits():
+    assert [split_budget(k, 10 / 64) for k in (64, 128, 192, 160)] == [(54, 10), (108, 20), (162, 30), (135, 25)]
+    assert split_budget(1, 10 / 64) == (1, 0)
+    assert split_budget(5, 0.9) == (1, 4)  # at least one dominant token
+
+
+def test_stages_use_the_feature_block():
+    (spec,) = VisionZip(Budget.tokens(64)).stages(LLAVA_7B)
+    assert spec.stage == Stage.VISION and spec.vision_layers == (-2,) and spec.vision_attention == (-2,)
+    assert VisionZip(Budget.ratio(0.1)).stages(QWEN_7B)[0].vision_attention == (-1,)
+    windowed = ModelInfo("qwen2_5_vl", "x", 4, 64, 4, 4, -1, (1, 2), 4)
+    with pytest.raises(ValueError, match="window attention"):
+        VisionZip(Budget.ratio(0.1)).stages(windowed)
+
+
+def test_planted_cls_attention_tokens_are_dominant_and_unchanged():
+    gen = torch.Generator().manual_seed(0)
+    n, planted = 36, [4, 17, 30]
+    cls = torch.rand(2, n, generator=gen) * 0.01
+    cls[0, planted] = 0.5  # one head only: the heads are summed
+    hidden = torch.randn(n, 1, 8, generator=gen)
+    keys = torch.randn(n, 1, 2, 4, generator=gen)
+    method = VisionZip(Budget.tokens(4), contextual_ratio=0.25)  # 3 dominant + 1 contextual
+    decision = method.select(_spec(), _inputs(hidden, {"cls": cls, "keys": keys}, 4))
+    assert decision.keep_index.tolist() == [0, 4, 17, 30]  # one anchor: the first non-dominant token
+    torch.testing.assert_close(decision.vision_states[1:], hidden[planted])
+    others = [i for i in range(n) if i not in planted + [0]]
+    torch.testing.assert_close(decision.vision_states[0], hidden[0] + hidden[others].mean(0))
+
+
+def test_contextual_merge_averages_members_into_their_anchor():
+    n = 10
+    hidden = torch.arange(n * 3, dtype=torch.float32).reshape(n, 1, 3) ** 1.5
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    key_rows = {2: e1, 3: e1, 4: e1 + 0.1 * e2, 6: e2, 5: e2, 7: e2, 8: 0.1 * e1 + e2, 9: e2, 0: e1, 1: e2}
+    head = torch.stack([key_rows[i] for i in range(n)])  # (n, 2)
+    noise = 5 * torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    keys = torch.stack([head + noise, head - noise], dim=1)[:, None]  # (n, u=1, h=2, hd=2): head mean = head
+    cls = torch.zeros(1, n)
+    cls[0, :2] = 1.0  # tokens 0 and 1 are dominant
+    method = VisionZip(Budget.tokens(4), contextual_ratio=0.5)  # 2 dominant + 2 contextual
+    decision = method.select(_spec(), _inputs(hidden, {"cls": cls, "keys": keys}, 4, rows=2))
+    # rest = [2..9], step 8 // 2 = 4 -> anchors 2 and 6
+    assert decision.keep_index.tolist() == [0, 1, 2, 6]
+    expected_2 = hidden[2] + hidden[[3, 4]].mean(0)
+    expected_6 = hidden[6] + hidden[[5, 7, 8, 9]].mean(0)
+    torch.testing.assert_close(decision.vision_states[2:], torch.stack([expected_2, expected_6]))
+    torch.testing.assert_close(decision.vision_states[:2], hidden[:2])
+
+
+def test_anchor_without_members_is_unchanged():
+    hidden = torch.randn(4, 1, 2)
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 0.0]])  # all members prefer anchor 0
+    anchors, merged = contextual_merge(hidden, keys, torch.tensor([0, 1, 2, 3]), 2)
+    assert anchors.tolist() == [0, 2]
+    torch.testing.assert_close(merged[1], hidden[2])
+    torch.testing.assert_close(merged[0], hidden[0] + hidden[[1, 3]].mean(0))
+
+
+def test_qwen_units_use_received_attention_and_merge_per_patch():
+    gen = torch.Generator().manual_seed(1)
+    n = 16
+    received = torch.rand(n, generator=gen)
+    received[[5, 9]] = 10.0
+    hidden = torch.randn(n, 4, 6, generator=gen)  # (n, u=4, d_v)
+    keys = torch.randn(n, 4, 2, 3, generator=gen)
+    method = VisionZip(Budget.tokens(3), contextual_ratio=0.34)  # 2 dominant + 1 contextual
+    decision = method.select(_spec(QWEN_7B), _inputs(hidden, {"received": received, "keys": keys}, 3, block=-1))
+    assert decision.keep_index.tolist() == [0, 5, 9]
+    assert decision.vision_states.shape == (3, 4, 6)
+    rest = [i for i in range(1, n) if i not in (5, 9)]
+    torch.testing.assert_close(decision.vision_states[0], hidden[0] + hidden[rest].mean(0))
+
+
+@pytest.mark.parametrize("budget", [1, 7, 20, 36])
+def test_counts_exact_and_deterministic(budget):
+    gen = torch.Generator().manual_seed(budget)
+    hidden, keys = torch.randn(36, 1, 8, generator=gen), torch.randn(36, 1, 2, 4, generator=gen)
+    inputs = _inputs(hidden, {"cls": torch.rand(2, 36, generator=gen), "keys": keys}, budget)
+    method = VisionZip(Budget.tokens(budget))
+    first, second = method.select(_spec(), inputs), method.select(_spec(), inputs)
+    assert first.keep_index.numel() == method.stage_count(_spec(), inputs) == budget
+    assert bool((first.keep_index[1:] > first.keep_index[:-1]).all())
+    assert torch.equal(first.keep_index, second.keep_index) and torch.equal(first.vision_states, second.vision_states)
+
+
+class _LayerLengths:
+    """Sequence length each decoder layer sees in prefill (first call only)."""
+
+    def __init__(self, adapter):
+        self.lengths: list[int] = []
+        self.handles = [layer.register_forward_pre_hook(self._hook) for layer in adapter.layers]
+
+    def _hook(self, module, args):
+        if len(self.lengths) < len(self.handles):
+            self.lengths.append(args[0].shape[1])
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-llava"])
+def test_end_to_end_counts_and_dominant_choice(name):
+    adapter = tiny_adapter(name)
+    image, question = noise_image(224, 224), "What colour is the square?"
+    recorder = _LayerLengths(adapter)
+    try:
+        engine = Engine(adapter, build_method("visionzip", Budget.tokens(16)), record_kept=True)
+        out = engine.generate([[image]], [question], [0], 2)
+    finally:
+        recorder.close()
+    sample = out.samples[0]
+    batch = adapter.preprocess([[image]], [question])
+    n_text = int((batch.input_ids != adapter.image_token_id).sum())
+    assert sample.n_visual == 64 and sample.n_kept_input == 16 and sample.kept_per_layer == [16] * adapter.n_layers
+    assert recorder.lengths == [n_text + 16] * adapter.n_layers
+    again = engine.generate([[image]], [question], [0], 2).samples[0]
+    assert again.kept_index == sample.kept_index and again.tokens == sample.tokens
+
+    # with no contextual tokens the kept set is the top-16 of the tower's own attention statistic
+    drop_only = Engine(
+        adapter, build_method("visionzip", Budget.tokens(16), {"contextual_ratio": "0"}), record_kept=True
+    )
+    kept = drop_only.generate([[image]], [question], [0], 1).samples[0].kept_index["vision"]
+    block = adapter.info().vision_feature_layer
+    with torch.no_grad():
+        (visual,) = adapter.encode_images(batch, (), (block,))
+    stats = visual.extras["vision_attention"][block]
+    score = stats["cls"].sum(0) if "cls" in stats else stats["received"]
+    assert kept == sorted(score.topk(16).indices.tolist())

@@ -1,0 +1,408 @@
+"""Tasks the runner evaluates: lmms-eval task objects behind a small typed interface.
+
+Every task is an lmms-eval task: tokbench's own folders under ``tasks/`` (beside the ``tokbench``
+package; passed to lmms-eval as an include path) or any task lmms-eval ships (``gqa``, ``pope``, ...).
+Prompts (``doc_to_text`` with the task's pre/post prompts), images (``doc_to_visual``), targets and
+scores (``process_results``) all come from lmms-eval's task object; this module only adapts them.
+
+Names: ``vstar-synth`` = ``vstar_synth`` (tokbench's offline V*-like task, generated on first use into
+``tokbench.synth.data_root()``), ``vstar`` = lmms-eval's ``vstar_bench``; a name with ``-`` also
+matches its ``_`` spelling. A group or tag of exactly one task resolves to that task.
+
+``data_dir`` points a task at a local copy of its data instead of the Hugging Face hub:
+
+- ``vstar_synth``: a directory made by ``tokbench.synth.generate_vstar_synth`` (its ``test.parquet``),
+  or the parquet file itself;
+- a hub task: a directory written by ``datasets.DatasetDict.save_to_disk``; a hub snapshot directory
+  (``hf download --repo-type dataset ...``: split-named parquet/json files, with the task's config
+  name and ``data_files`` resolved inside it); or one ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv``
+  / ``.arrow`` file holding the task's evaluation split.
+
+lmms-eval is imported only when a task is loaded (it takes seconds), and its loguru output and the
+``datasets`` progress bars are silenced while tokbench calls into it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+ALIASES = {"vstar-synth": "vstar_synth", "vstar": "vstar_bench"}
+_LOCAL_BUILDERS = {"json", "parquet", "csv", "arrow", "text", "pandas", "imagefolder", "audiofolder", "webdataset"}
+_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+class TaskError(ValueError):
+    """A task name or its data cannot be resolved (one-line message)."""
+
+
+class DocError(RuntimeError):
+    """One document cannot be loaded (names the task, the doc and, where known, the file)."""
+
+
+@dataclass
+class Doc:
+    doc_id: int
+    images: list[PIL.Image.Image]  # RGB, loaded
+    prompt: str  # lmms-eval doc_to_text, with the task's pre/post prompts
+    target: str  # the reference answer as text (for the record)
+    meta: dict = field(default_factory=dict)  # small scalar fields of the doc (category, bbox, question_id)
+
+
+class Task:
+    """One lmms-eval task's evaluation split (cut to ``limit`` docs)."""
+
+    def __init__(self, name: str, lmms_task: Any, data: str, data_dir: Path | None = None, limit: int | None = None):
+        self.name = name
+        self.lmms_task = lmms_task
+        self.data = data  # where the docs come from: a hub dataset id or a local path
+        self.version = _version(lmms_task)
+        self.gen_kwargs = dict(lmms_task.config.generation_kwargs or {})
+        self._data_dir = data_dir
+        self._docs = lmms_task.eval_docs
+        self._docs_no_media = getattr(lmms_task, "eval_docs_no_media", self._docs)
+        self._len = len(self._docs) if limit is None else min(limit, len(self._docs))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, version={self.version!r}, docs={self._len}, data={self.data!r})"
+
+    def doc_ids(self) -> list[int]:
+        return list(range(self._len))
+
+    def doc(self, doc_id: int) -> Doc:
+        """Load one document; a missing or undecodable image raises ``DocError`` naming the doc and file."""
+        self._check(doc_id)
+        task = self.lmms_task
+        try:
+            with _quiet():
+                row = self._docs[doc_id]
+                visuals = task.doc_to_visual(row)
+                prompt = task.doc_to_text(row)
+                target = task.doc_to_target(row)
+        except Exception as err:  # noqa: BLE001 - any failure becomes one message naming the doc
+            raise DocError(f"task {self.name} doc {doc_id}{self._files(doc_id)}: {_one_line(err)}") from err
+        images = []
+        for visual in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
+            if not hasattr(visual, "convert"):
+                raise DocError(
+                    f"task {self.name} doc {doc_id} gives a {type(visual).__name__} visual; tokbench handles images only"
+                )
+            images.append(visual.convert("RGB"))
+        if isinstance(target, list):
+            target = " | ".join(str(t) for t in target)
+        return Doc(doc_id, images, str(prompt), str(target), _small_fields(self._docs_no_media[doc_id]))
+
+    def score(self, doc_id: int, prediction: str) -> dict[str, float]:
+        """Score through the task's ``process_results``, as lmms-eval's evaluator calls it.
+
+        Returns ``{"score": main metric, <metric>: value, ...}``: the main metric is the task's first
+        ``metric_list`` entry; a per-sample value that is a dict (vstar, pope) contributes its
+        ``score_key`` field (default ``score``). Values are as the task gives them (0/1 for exact match).
+        Non-numeric values are left out, and ``score`` is absent when the main metric has none.
+        """
+        self._check(doc_id)
+        task = self.lmms_task
+        with _quiet():
+            results = task.process_results(self._docs_no_media[doc_id], [prediction])
+        key = getattr(task.config, "score_key", None) or "score"
+        scores = {}
+        for metric, value in results.items():
+            if isinstance(value, dict):
+                value = value.get(key)
+            if isinstance(value, (bool, int, float)):
+                scores[metric] = float(value)
+        metrics = [m["metric"] for m in task.config.metric_list or [] if isinstance(m.get("metric"), str)]
+        main = next((m for m in metrics if m in scores), next(iter(scores), None))
+        return {"score": scores[main], **scores} if main is not None else scores
+
+    def _check(self, doc_id: int) -> None:
+        if not 0 <= doc_id < self._len:
+            raise DocError(f"task {self.name} has no doc {doc_id} (it has {self._len}: 0..{self._len - 1})")
+
+    def _files(self, doc_id: int) -> str:
+        """' (image images/000003.png in /data/dir)' for the doc's image columns, when they hold paths."""
+        try:
+            import datasets
+
+            docs, paths = self._docs, []
+            for column, feature in docs.features.items():
+                if isinstance(feature, datasets.Image):
+                    raw = docs.cast_column(column, datasets.Image(decode=False))[doc_id][column]
+                    paths.append((raw or {}).get("path") or "<embedded bytes>")
+        except Exception:  # noqa: BLE001 - only decorates an error message
+            return ""
+        where = f" in {self._data_dir}" if self._data_dir else ""
+        return f" (image {', '.join(map(str, paths))}{where})" if paths else ""
+
+
+def task_names() -> list[str]:
+    """tokbench's own tasks, the aliases, and a note that any lmms-eval task name works (no heavy import)."""
+    own = sorted(_own_tasks())
+    aliases = [f"{alias} = {target}" + ("" if target in own else " (lmms-eval)") for alias, target in ALIASES.items()]
+    note = "any lmms-eval task name also works, e.g. vstar_bench, gqa, pope (python -m lmms_eval tasks lists them)"
+    return own + aliases + [note]
+
+
+def load_task(name: str, data_dir: str | None = None, limit: int | None = None) -> Task:
+    """Resolve ``name`` (module docstring) and load its evaluation split through lmms-eval.
+
+    Raises ``TaskError`` with one line: an unknown name lists close matches; a hub dataset that is not
+    cached while the network is off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) or fails to load names
+    the dataset and suggests ``--data-dir``.
+    """
+    canonical = _canonical(name)
+    own = _own_tasks()
+    manager = _task_manager(include_defaults=canonical not in own)
+    if canonical not in manager.task_index and canonical.replace("-", "_") in manager.task_index:
+        canonical = canonical.replace("-", "_")
+    if canonical not in manager.task_index:
+        raise TaskError(_unknown_message(name, list(manager.task_index)))
+    canonical = _single_task(manager, canonical)
+    entry = manager.task_index[canonical]
+    config = _yaml_config(entry["yaml_path"])
+    override, local_dir = _data_override(canonical, config, data_dir)
+    dataset = override.get("dataset_path") if override else config.get("dataset_path")
+    if not override:
+        _check_cached(canonical, config)
+    try:
+        with _quiet():
+            if override:
+                loaded = manager.load_config({"task": canonical, **override})
+            else:
+                loaded = manager.load_task_or_group(canonical)
+    except Exception as err:  # noqa: BLE001 - lmms-eval raises anything from datasets / tenacity / task utils
+        err = _unwrap_retry(err)
+        hint = "; pass --data-dir with a local copy" if not override else ""
+        raise TaskError(f"task {canonical} could not load dataset {dataset}: {_one_line(err)}{hint}") from err
+    lmms_task = loaded[canonical] if canonical in loaded else next(iter(loaded.values()))
+    data = str(local_dir) if local_dir else str(dataset)
+    return Task(canonical, lmms_task, data=data, data_dir=local_dir, limit=limit)
+
+
+# --- name resolution -------------------------------------------------------------------------------
+
+
+def _own_tasks() -> dict[str, Path]:
+    """Task names declared in tasks/**/*.yaml (a text scan: no lmms-eval import)."""
+    found = {}
+    if TASKS_DIR.is_dir():
+        for path in sorted(TASKS_DIR.rglob("*.yaml")):
+            match = re.search(r"^task:\s*['\"]?([\w.-]+)['\"]?\s*$", path.read_text(), re.MULTILINE)
+            if match:
+                found[match.group(1)] = path
+    return found
+
+
+def _canonical(name: str) -> str:
+    key = name.strip()
+    key = ALIASES.get(key, key)
+    own = _own_tasks()
+    if key not in own and key.replace("-", "_") in own:
+        key = key.replace("-", "_")
+    return key
+
+
+@lru_cache(maxsize=2)
+def _task_manager(include_defaults: bool):
+    """lmms-eval's TaskManager over tokbench's tasks/ (and lmms-eval's ~2000 tasks: about 3 s to index)."""
+    with _quiet():
+        from lmms_eval.tasks import TaskManager
+
+        include = str(TASKS_DIR) if TASKS_DIR.is_dir() else None
+        return TaskManager(verbosity="ERROR", include_path=include, include_defaults=include_defaults)
+
+
+def _unknown_message(name: str, known: list[str]) -> str:
+    ours = sorted(set(ALIASES) | set(_own_tasks()))
+    names = sorted(set(known) | set(ours))
+    key = name.strip()
+    close = difflib.get_close_matches(key, ours, n=3, cutoff=0.5)
+    close += [n for n in difflib.get_close_matches(key, names, n=5, cutoff=0.6) if n not in close][: 5 - len(close)]
+    if len(close) < 5 and len(key) >= 3:
+        close += [n for n in names if key.lower() in n.lower() and n not in close][: 5 - len(close)]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown task {name!r}{hint} (tokbench list tasks; any lmms-eval task name works)"
+
+
+def _single_task(manager, name: str) -> str:
+    """A task name as is; a group or tag of one task → that task; larger groups are refused."""
+    entry = manager.task_index[name]
+    if entry["type"] in ("task", "python_task"):
+        return name
+    if entry["type"] == "tag":
+        members = list(entry["task"])
+    else:
+        members = [t if isinstance(t, str) else t.get("task") for t in _yaml_config(entry["yaml_path"]).get("task", [])]
+    if len(members) == 1 and isinstance(members[0], str) and members[0] in manager.task_index:
+        return _single_task(manager, members[0])
+    shown = ", ".join(str(m) for m in members[:6]) + (", ..." if len(members) > 6 else "")
+    raise TaskError(f"task {name} is an lmms-eval {entry['type']} of {len(members)} tasks ({shown}); pass one of them")
+
+
+def _yaml_config(yaml_path) -> dict:
+    """The task's YAML with includes resolved, ``!function`` left unimported."""
+    from lmms_eval.utils import load_yaml_config
+
+    if yaml_path in (None, -1):
+        return {}
+    return load_yaml_config(yaml_path, mode="simple")
+
+
+# --- data location ---------------------------------------------------------------------------------
+
+
+def _data_override(name: str, config: dict, data_dir: str | None) -> tuple[dict, Path | None]:
+    """Config keys that point the task at local data (empty when it reads its usual source)."""
+    from tokbench.synth import data_root, ensure_vstar_synth
+
+    split = config.get("test_split") or config.get("validation_split") or "test"
+    if name == "vstar_synth":
+        path = Path(data_dir).expanduser() if data_dir else ensure_vstar_synth()
+        parquet = path if path.is_file() else path / "test.parquet"
+        if not parquet.is_file():
+            raise TaskError(f"task vstar_synth: no test.parquet in {path} (make one with tokbench.synth.generate_vstar_synth)")
+        kwargs = {"data_files": {split: str(parquet)}, "cache_dir": str(data_root() / "hf-datasets")}
+        return {"dataset_path": "parquet", "dataset_name": None, "dataset_kwargs": kwargs}, parquet.parent
+    if data_dir is None:
+        return {}, None
+    path = Path(data_dir).expanduser().resolve()
+    if not path.exists():
+        raise TaskError(f"data dir {path} for task {name} does not exist")
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise TaskError(f"data file {path} for task {name}: use {', '.join(sorted(_FILE_BUILDERS))}")
+        kwargs = {"data_files": {split: str(path)}, "cache_dir": str(data_root() / "hf-datasets")}
+        return {"dataset_path": builder, "dataset_name": None, "dataset_kwargs": kwargs}, path.parent
+    if (path / "dataset_dict.json").is_file():
+        return {"dataset_path": str(path), "dataset_name": None, "dataset_kwargs": {"load_from_disk": True}}, path
+    if (path / "state.json").is_file():
+        raise TaskError(f"{path} holds a single saved Dataset; save a DatasetDict with a {split!r} split instead")
+    kwargs = dict(config.get("dataset_kwargs") or {})  # a hub snapshot: name and data_files resolve inside it
+    if "video" not in kwargs:
+        kwargs.setdefault("cache_dir", str(data_root() / "hf-datasets"))
+    return {"dataset_path": str(path), "dataset_kwargs": kwargs}, path
+
+
+def _check_cached(name: str, config: dict) -> None:
+    """Fail fast when a hub dataset is not cached and the hub cannot be reached.
+
+    Without this, lmms-eval retries the download 5 times (and huggingface_hub retries each request),
+    which takes seconds offline and over a minute when DNS fails.
+    """
+    dataset = config.get("dataset_path")
+    if not isinstance(dataset, str) or "/" not in dataset or dataset in _LOCAL_BUILDERS:
+        return
+    if os.path.exists(os.path.expanduser(dataset)) or _in_hf_cache(dataset, config.get("dataset_kwargs")):
+        return
+    offline_vars = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in offline_vars):
+        why = "the network is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
+    elif not _hub_reachable():
+        why = "the hub cannot be reached"
+    else:
+        return
+    raise TaskError(
+        f"task {name} needs dataset {dataset}, which is not in the local HF cache and {why}; "
+        "pass --data-dir with a local copy"
+    )
+
+
+def _in_hf_cache(dataset: str, dataset_kwargs) -> bool:
+    """Whether the hub cache or a datasets cache has a directory for ``dataset`` (a cheap heuristic)."""
+    hf_home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    env = os.environ.get
+    hub = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or hf_home / "hub"
+    caches = [hub, env("LMMS_EVAL_DATASETS_CACHE"), env("HF_DATASETS_CACHE"), hf_home / "datasets"]
+    if isinstance(dataset_kwargs, dict):
+        caches.append(dataset_kwargs.get("cache_dir"))
+    wanted = {"datasets--" + dataset.replace("/", "--").lower(), dataset.replace("/", "___").lower()}
+    for cache in caches:
+        directory = Path(cache).expanduser() if cache else None
+        if directory and directory.is_dir() and any(child.name.lower() in wanted for child in directory.iterdir()):
+            return True
+    return False
+
+
+def _hub_reachable() -> bool:
+    """DNS lookup of the hub's host (skipped, i.e. True, behind a proxy)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet():
+    """lmms-eval logs through loguru (DEBUG by default): mute it and datasets' bars inside the block."""
+    from loguru import logger
+
+    from tokbench.synth import quiet_datasets
+
+    logger.disable("lmms_eval")
+    try:
+        with quiet_datasets():
+            yield
+    finally:
+        logger.enable("lmms_eval")
+
+
+def _version(lmms_task) -> str:
+    """The YAML's ``metadata.version`` (a dict or, as in vstar_bench, a list of dicts), else lmms-eval's."""
+    metadata = lmms_task.config.metadata
+    entries = metadata if isinstance(metadata, list) else [metadata]
+    for entry in entries:
+        if isinstance(entry, dict) and "version" in entry:
+            return str(entry["version"])
+    return str(lmms_task.VERSION)
+
+
+def _small_fields(row: dict) -> dict:
+    """Scalar fields, short strings and small numeric lists (bbox) of a doc: what a record can carry."""
+
+    def small(value, depth=0) -> bool:
+        if value is None or isinstance(value, (bool, int, float)):
+            return True
+        if isinstance(value, str):
+            return len(value) <= 300
+        if isinstance(value, (list, tuple)) and depth < 2:
+            return len(value) <= 64 and all(small(v, depth + 1) for v in value)
+        return False
+
+    return {k: v for k, v in row.items() if small(v)}
+
+
+def _unwrap_retry(err: BaseException) -> BaseException:
+    """lmms-eval's download is wrapped in tenacity.retry: report the last attempt's error."""
+    last = getattr(err, "last_attempt", None)
+    inner = last.exception() if last is not None else None
+    return inner if inner is not None else err
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    message = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    return message if len(message) <= 300 else message[:297] + "..."
