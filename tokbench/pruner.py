@@ -309,7 +309,7 @@ def build_method(name: str, budget: Budget, args: dict[str, str] | None = None) 
     Arguments are converted to the types of the class's dataclass fields; unknown keys are an error.
     """
     cls = get_method_class(name)
-    fields = getattr(cls, "__dataclass_fields__", {})
+    fields = {k: f for k, f in getattr(cls, "__dataclass_fields__", {}).items() if f.init}
     kwargs: dict[str, Any] = {}
     for key, raw in (args or {}).items():
         if key not in fields or key == "budget":
@@ -342,7 +342,7 @@ def _convert(raw: Any, annotation: Any, method: str, key: str) -> Any:
 
 def method_config(method: Pruner) -> dict[str, Any]:
     """The method's settings as plain values, for manifests."""
-    fields = getattr(method, "__dataclass_fields__", {})
+    fields = [k for k, f in getattr(method, "__dataclass_fields__", {}).items() if f.init]
     out: dict[str, Any] = {"name": method.name, "version": method.version}
     for key in fields:
         value = getattr(method, key)
