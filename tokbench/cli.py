@@ -196,3 +196,4 @@ def list_(what: Annotated[str, typer.Argument(help="methods | tasks | models")])
 
 
 from tokbench.cli_analysis import register; register(app)  # noqa: E402, E702 - sweep, report, regress, plot
+

@@ -173,20 +173,29 @@ class _Recorder:
         }
 
     def run_batch(self, engine, doc_ids: list[int], max_new: int) -> list[dict[str, Any]]:
-        from tokbench.metrics import PeakMemory
-
         docs, errors = _load_docs(self.task, doc_ids)
         rows = [self._error_row(d, msg, len(doc_ids)) for d, msg in errors.items()]
-        if not docs:
-            return rows
+        return rows + self._generate(engine, docs, max_new) if docs else rows
+
+    def _generate(self, engine, docs, max_new: int) -> list[dict[str, Any]]:
+        """Rows for ``docs``; on CUDA OOM the batch is retried in halves down to 1, then recorded as failed."""
+        import torch
+
+        from tokbench.metrics import PeakMemory
+
         try:
             with PeakMemory(self.adapter.device) as memory:
                 out = engine.generate([d.images for d in docs], [d.prompt for d in docs], [d.doc_id for d in docs], max_new)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if len(docs) == 1:
+                message = "CUDA out of memory at batch size 1; lower --max-pixels or use a smaller model/dtype"
+                return [self._error_row(docs[0].doc_id, message, 1)]
+            half = len(docs) // 2
+            return self._generate(engine, docs[:half], max_new) + self._generate(engine, docs[half:], max_new)
         except Exception as err:  # noqa: BLE001 - a failing batch is recorded, the run goes on
-            return rows + [self._error_row(d.doc_id, f"{type(err).__name__}: {err}", len(docs)) for d in docs]
-        for doc, sample in zip(docs, out.samples):
-            rows.append(self._row(doc, sample, out, memory))
-        return rows
+            return [self._error_row(d.doc_id, f"{type(err).__name__}: {err}", len(docs)) for d in docs]
+        return [self._row(doc, sample, out, memory) for doc, sample in zip(docs, out.samples)]
 
     def _row(self, doc, sample, out, memory) -> dict[str, Any]:
         from tokbench.records import efficiency_fields
