@@ -90,3 +90,14 @@ def test_list_commands():
     assert "tiny-llava" in models.output and "Qwen/Qwen2.5-VL-7B-Instruct" in models.output
     tasks = _run("list", "tasks")
     assert tasks.exit_code == 0 and "vstar-synth" in tasks.output
+
+
+def test_bad_config_file_and_unwritable_output(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[models\nx = 1\n")
+    result = _run("run", "--method", "full", "--task", "vstar-synth", "--config", str(bad), "--output", str(tmp_path))
+    assert result.exit_code == 2 and "bad.toml" in result.output and "TOML" in result.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = _run("run", "--method", "full", "--task", "vstar-synth", "--output", str(blocker / "sub"))
+    assert result.exit_code == 2 and "not writable" in result.output
