@@ -173,6 +173,47 @@ def _print_summary(result) -> None:
     out.print(f"results: {result.run_dir}")
 
 
+@app.command()
+def show(
+    image: Annotated[Path, typer.Option(help="Image file.")],
+    question: Annotated[str, typer.Option(help="The question asked about it.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, e.g. full,random,fastv.")],
+    out: Annotated[Path, typer.Option(help="Output figure (PNG and PDF are written).")],
+    model: ModelOpt = "tiny-qwen2.5-vl",
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+) -> None:
+    """Draw which visual tokens each method keeps on one image (pruned cells dimmed).
+
+    Example: tokbench show --image cat.png --question "What colour?" --methods full,random,fastv --ratio 0.25 --out fig.png
+    """
+    try:
+        from PIL import Image
+
+        from tokbench.config import load_config
+        from tokbench.models import load_model
+        from tokbench.pruner import Budget, get_method_class
+        from tokbench.runner import RunConfig
+
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        for name in names:
+            get_method_class(name)
+        chosen = RunConfig(model=model, method="full", task="", ratio=ratio, budget=budget).make_budget()
+        if not image.exists():
+            raise FileNotFoundError(f"image {image} does not exist")
+        picture = Image.open(image).convert("RGB")
+        adapter = load_model(model, load_config().models)
+    except (*_usage_errors(), FileNotFoundError, OSError) as err:
+        _fail(err, 2)
+    from tokbench.show import draw, run_methods
+
+    try:
+        panels = run_methods(adapter, picture, question, names, Budget.ratio(0.25) if chosen == Budget.full() else chosen)
+    except ValueError as err:
+        _fail(err, 2)
+    console.print("wrote " + ", ".join(str(p) for p in draw(panels, out)))
+
+
 @app.command("list")
 def list_(what: Annotated[str, typer.Argument(help="methods | tasks | models")]) -> None:
     """List registered methods, tasks or model aliases."""

@@ -54,7 +54,7 @@ class LlavaAdapter(ModelAdapter):
         return self.model.model.multi_modal_projector(states[:, 0])
 
     def token_grid(self, image: Image.Image) -> tuple[int, int]:
-        side = self._image_size // self._patch
+        side = image.info.get("tokbench_side", self._image_size) // self._patch
         return side, side
 
     def resize_to_tokens(self, image: Image.Image, n_tokens: int) -> Image.Image:
