@@ -254,6 +254,7 @@ _BUILTIN: dict[str, str] = {
     "vscan": "methods.vscan:VScan",
     "pyramiddrop": "methods.pyramiddrop:PyramidDrop",
     "glimpseprune": "methods.glimpseprune:GlimpsePrune",
+    "divprune": "methods.divprune:DivPrune",
 }
 
 
