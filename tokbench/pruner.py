@@ -255,6 +255,7 @@ _BUILTIN: dict[str, str] = {
     "pyramiddrop": "methods.pyramiddrop:PyramidDrop",
     "glimpseprune": "methods.glimpseprune:GlimpsePrune",
     "divprune": "methods.divprune:DivPrune",
+    "cdpruner": "methods.cdpruner:CDPruner",
 }
 
 
