@@ -33,12 +33,14 @@ def dpp_greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy MAP of a DPP by incremental Cholesky updates. kernel (n, n) PSD -> sorted indices (k,)."""
     kernel = kernel.double()
     n = kernel.shape[0]
-    k = min(k, n)
+    if k >= n:
+        return torch.arange(n)
     factors = torch.zeros(k, n, dtype=kernel.dtype, device=kernel.device)  # rows of the Cholesky factor
     gains = kernel.diagonal().clone()  # d_j^2: marginal gain of adding j
     chosen: list[int] = []
     for step in range(k):
-        pick = int(gains.argmax())
+        # once the kernel's rank is exhausted gains can turn NaN; never pick a chosen token
+        pick = int(torch.nan_to_num(gains, nan=-1e300).argmax())
         chosen.append(pick)
         e = (kernel[pick] - factors[:step].T @ factors[:step, pick]) / gains[pick].clamp_min(1e-12).sqrt()
         factors[step] = e
