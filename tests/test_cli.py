@@ -101,3 +101,13 @@ def test_bad_config_file_and_unwritable_output(tmp_path):
     blocker.write_text("")
     result = _run("run", "--method", "full", "--task", "vstar-synth", "--output", str(blocker / "sub"))
     assert result.exit_code == 2 and "not writable" in result.output
+
+
+def test_efficiency_protocol_defaults(tmp_path):
+    result = _run("run", "--efficiency", "--method", "random", "--task", "vstar-synth", "--limit", "4",
+                  "--output", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["ratio"] == 0.111 and manifest["config"]["max_pixels"] == 3211264
+    assert manifest["settings"]["batch_size"] == 4 and manifest["settings"]["warmup"] == 3

@@ -89,6 +89,14 @@ def run(
     ] = False,
     max_pixels: Annotated[Optional[int], typer.Option(help="Cap Qwen2.5-VL's image pixels.")] = None,
     save_masks: Annotated[bool, typer.Option("--save-masks", help="Store kept token indices per stage.")] = False,
+    efficiency: Annotated[
+        bool,
+        typer.Option(
+            "--efficiency",
+            help="GlimpsePrune's V* efficiency protocol as defaults: batch 4, 3 warm-ups, ratio 0.111, "
+            "max pixels 3211264 (explicit options win).",
+        ),
+    ] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output dir (default: results/).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Extra tokbench.toml to read.")] = None,
 ) -> None:
@@ -101,7 +109,12 @@ def run(
         from tokbench.runner import RunConfig, RunValidationError, validate
 
         cfg = load_config(config)
-        d = cfg.defaults
+        d = dict(cfg.defaults)
+        if efficiency:
+            d.update(batch_size=4, warmup=3)
+            if ratio is None and budget is None:
+                ratio = 0.111
+            max_pixels = max_pixels or 3211264
         run_config = RunConfig(
             model=model,
             method=method,
