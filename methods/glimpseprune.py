@@ -185,8 +185,8 @@ class GlimpsePrune:
         """(n,) VIP logits from ``extras["probe_logits"]`` (layers, h, n) and the vision states."""
         cfg = self._modules.cfg
         attn = inputs.extras["probe_logits"].float()
-        if not cfg.use_attention_logits:  # LLaVA: log-softmax; normalised over the visual keys only (see docs)
-            attn = attn - attn.logsumexp(dim=-1, keepdim=True)
+        if not cfg.use_attention_logits:  # LLaVA: log-softmax over every key, as the official code
+            attn = attn - inputs.extras["probe_logsumexp"].float()[..., None]  # log-softmax over all keys
         n = attn.shape[-1]
         features = attn.permute(2, 0, 1).reshape(n, -1)  # (n, layers * h), official layer-major order
         conds = [inputs.vision_hidden[b].float().mean(dim=1) for b in spec.vision_layers]  # (n, d_v) each

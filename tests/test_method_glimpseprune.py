@@ -186,7 +186,11 @@ def test_llava_uses_log_softmax_features():
     """Official LLaVA features are log-probabilities: a per-head constant shift must not matter."""
     inputs = _stage_inputs(n_side=4, d_v=24)
     shifted = _stage_inputs(n_side=4, d_v=24)
-    shifted.extras["probe_logits"] = inputs.extras["probe_logits"] + torch.arange(4.0)[None, :, None]
+    shift = torch.arange(4.0)[None, :, None]  # a per-head constant over every key
+    shifted.extras["probe_logits"] = inputs.extras["probe_logits"] + shift
+    # the normaliser runs over all keys (text too), so it exceeds the image-only logsumexp
+    inputs.extras["probe_logsumexp"] = inputs.extras["probe_logits"].logsumexp(-1) + 0.7
+    shifted.extras["probe_logsumexp"] = inputs.extras["probe_logsumexp"] + shift[..., 0]
     for family, invariant in [("llava", True), ("qwen2_5_vl", False)]:
         model = ModelInfo(family, "small", 6, 32, 4, 5, -2, (1, 3), 1)
         method = GlimpsePrune(Budget.full(), allow_untrained=True)

@@ -313,6 +313,8 @@ class _Context:
             inputs.text_attention = probs[i][:, positions]
         if spec.stage == Stage.GLIMPSE:
             inputs.extras["probe_logits"] = attention[0][i][:, :, positions]
+            # over every key the probe sees (text and itself included), for an exact log-softmax
+            inputs.extras["probe_logsumexp"] = attention[0][i].logsumexp(dim=-1)  # (layers, h)
         return inputs
 
 

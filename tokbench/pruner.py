@@ -70,7 +70,8 @@ class GlimpseProbe:
     layer_embeds (Tensor, (n, d) | None): added to its hidden state before each decoder layer
         ``0..n-1`` (n <= glimpse layer + 1).
     attention_layers (tuple[int, ...]): layers whose probe-to-visual attention the method reads; the
-        stage's `StageInputs.extras["probe_logits"]` holds them as (len(layers), h, n) raw logits.
+        stage's `StageInputs.extras["probe_logits"]` holds them as (len(layers), h, n) raw logits, and
+        ``extras["probe_logsumexp"]`` (len(layers), h) their logsumexp over every key the probe attends to.
     """
 
     token_embed: torch.Tensor
