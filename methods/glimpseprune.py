@@ -102,6 +102,7 @@ class GlimpsePrune:
     seed: int = 0
     version = "1"
     headline_retention = "final"
+    position_policy = "keep"  # the official LLaVA and Qwen code keep original position ids after the drop
 
     # --- weights ----------------------------------------------------------------------------------
     def modules_for(self, model: ModelInfo) -> GlimpseModules:

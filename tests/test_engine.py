@@ -307,3 +307,10 @@ def test_merged_vision_states_identity_equals_full(adapter):
     out = Engine(adapter, Identity(Budget.full())).generate(images, questions, [0, 1, 2], 4)
     assert [s.tokens for s in out.samples] == [s.tokens for s in full.samples]
     torch.testing.assert_close(out.first_logits, full.first_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_position_policy_precedence(llava):
+    glimpse = build_method("glimpseprune", Budget.ratio(0.5), {"allow_untrained": "true"})
+    assert Engine(llava, glimpse).reindex is False  # the method's official default
+    assert Engine(llava, glimpse, position_policy="reindex").reindex is True  # explicit wins
+    assert Engine(llava, build_method("random", Budget.ratio(0.5))).reindex is True  # family default

@@ -63,7 +63,9 @@ class Engine:
     ):
         self.adapter = adapter
         self.method = method
-        self.reindex = (position_policy or adapter.default_position_policy) == "reindex"
+        # explicit setting, else the method's official default, else the model family's
+        policy = position_policy or getattr(method, "position_policy", None) or adapter.default_position_policy
+        self.reindex = policy == "reindex"
         self.seed = seed
         self.record_kept = record_kept
         self.info = adapter.info()
