@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -54,3 +55,27 @@ def llava():
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@contextlib.contextmanager
+def layer_lengths(adapter):
+    """Yields a list filled with the sequence length each decoder layer processes in prefill."""
+    lengths: list[int] = []
+    n_layers = len(adapter.layers)
+
+    def hook(module, args):
+        if len(lengths) < n_layers:
+            lengths.append(args[0].shape[1])
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in adapter.layers]
+    try:
+        yield lengths
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def text_length(adapter, image: Image.Image, question: str) -> int:
+    """Prompt tokens of one sample that are not image tokens."""
+    batch = adapter.preprocess([[image]], [question])
+    return int((batch.input_ids != adapter.image_token_id).sum())

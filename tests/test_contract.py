@@ -7,7 +7,7 @@ match what the decoder layers actually processed.
 from __future__ import annotations
 
 import pytest
-from conftest import noise_image, tiny_adapter
+from conftest import layer_lengths, noise_image, tiny_adapter
 
 from tokbench.engine import Engine
 from tokbench.pruner import Budget, build_method, method_names
@@ -22,32 +22,14 @@ FAMILIES = ["tiny-qwen2.5-vl", "tiny-llava"]
 RATIO = 0.4  # reachable by every schedule on 4-layer models (PyramidDrop needs > its first stage)
 
 
-class _Lengths:
-    def __init__(self, adapter):
-        self.lengths: list[int] = []
-        self.n = len(adapter.layers)
-        self.handles = [l.register_forward_pre_hook(self._hook) for l in adapter.layers]
-
-    def _hook(self, module, args):
-        if len(self.lengths) < self.n:
-            self.lengths.append(args[0].shape[1])
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_runs_within_budget_and_reports_true_counts(name, family):
     adapter = tiny_adapter(family)
     image, question = noise_image(448, 336, seed=3), "What colour is the small square?"
     method = build_method(name, Budget.ratio(RATIO), OFFLINE_ARGS.get(name))
-    lengths = _Lengths(adapter)
-    try:
+    with layer_lengths(adapter) as lengths:
         out = Engine(adapter, method, record_kept=True).generate([[image]], [question], [0], 2)
-    finally:
-        lengths.close()
     sample = out.samples[0]
     n = sample.n_visual
     assert 1 <= sample.n_kept_input <= n
@@ -62,7 +44,7 @@ def test_every_method_runs_within_budget_and_reports_true_counts(name, family):
     if name != "full":
         assert headline / n <= RATIO + 1.5 / n + 0.02
     # counts are what the layers processed: text is constant, so differences in length are visual tokens
-    text = [length - kept for length, kept in zip(lengths.lengths, sample.kept_per_layer)]
+    text = [length - kept for length, kept in zip(lengths, sample.kept_per_layer)]
     glimpse = any(s.stage.value == "glimpse" for s in method.stages(adapter.info()))
     assert len(set(text)) == 1 or glimpse
     again = Engine(adapter, build_method(name, Budget.ratio(RATIO), OFFLINE_ARGS.get(name)), record_kept=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import noise_image, tiny_adapter
+from conftest import layer_lengths, noise_image, text_length, tiny_adapter
 
 from tokbench.engine import Engine, SelectionError
 from tokbench.pruner import (
@@ -74,42 +74,16 @@ def test_qwen_batch_has_different_visual_counts(qwen):
     assert [s.n_visual for s in out.samples] == [16 * 12, 8 * 8, 12 * 16]
 
 
-class _LayerLengths:
-    """Records the sequence length each decoder layer processes during prefill (first call only)."""
-
-    def __init__(self, adapter):
-        self.lengths: list[int] = []
-        self.handles = [
-            layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in adapter.layers
-        ]
-
-    def _hook(self, module, args, kwargs):
-        if len(self.lengths) < len(self.handles):
-            self.lengths.append(args[0].shape[1])
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _text_len(adapter, image, question):
-    batch = adapter.preprocess([[image]], [question])
-    return int((batch.input_ids != adapter.image_token_id).sum())
-
-
 def test_random_budget_exact_and_matches_shapes(adapter):
     image = noise_image(448, 336)
-    recorder = _LayerLengths(adapter)
-    try:
+    with layer_lengths(adapter) as lengths:
         out = Engine(adapter, build_method("random", Budget.tokens(20))).generate([[image]], [QUESTIONS[0]], [7], 3)
-    finally:
-        recorder.close()
     sample = out.samples[0]
-    n_text = _text_len(adapter, image, QUESTIONS[0])
+    n_text = text_length(adapter, image, QUESTIONS[0])
     assert sample.n_kept_input == 20
     assert sample.kept_per_layer == [20] * adapter.n_layers
-    assert recorder.lengths == [n_text + 20] * adapter.n_layers
-    assert sample.kv_len_per_layer == recorder.lengths
+    assert lengths == [n_text + 20] * adapter.n_layers
+    assert sample.kv_len_per_layer == lengths
 
 
 def test_random_batch_every_sample_keeps_budget(qwen):
@@ -129,20 +103,17 @@ def test_random_is_deterministic_per_document(qwen):
 
 def test_fastv_later_layers_see_reduced_count(adapter):
     image = noise_image(448, 336)
-    recorder = _LayerLengths(adapter)
-    try:
+    with layer_lengths(adapter) as lengths:
         method = build_method("fastv", Budget.ratio(0.625), {"k": "2"})
         out = Engine(adapter, method).generate([[image]], [QUESTIONS[0]], [0], 3)
-    finally:
-        recorder.close()
     sample = out.samples[0]
     n = sample.n_visual
     kept = round((round(0.625 * n) * 4 - 2 * n) / 2)  # layer average 0.625 over 4 layers, 2 of them full
-    n_text = _text_len(adapter, image, QUESTIONS[0])
+    n_text = text_length(adapter, image, QUESTIONS[0])
     assert sample.kept_per_layer == [n, n, kept, kept]
-    assert recorder.lengths == [n_text + n, n_text + n, n_text + kept, n_text + kept]
+    assert lengths == [n_text + n, n_text + n, n_text + kept, n_text + kept]
     # earlier layers keep their full cache, later ones the reduced one
-    assert sample.kv_len_per_layer == recorder.lengths
+    assert sample.kv_len_per_layer == lengths
 
 
 def test_keep_all_at_every_stage_equals_full(adapter):
@@ -231,16 +202,13 @@ def test_glimpse_keep_all_equals_full(adapter):
 
 def test_glimpse_drops_from_earlier_caches(adapter):
     image = noise_image(448, 336)
-    recorder = _LayerLengths(adapter)
-    try:
+    with layer_lengths(adapter) as lengths:
         out = Engine(adapter, _ProbeTopK(Budget.tokens(12), layer=1)).generate([[image]], [QUESTIONS[0]], [0], 3)
-    finally:
-        recorder.close()
     sample = out.samples[0]
-    n_text = _text_len(adapter, image, QUESTIONS[0])
+    n_text = text_length(adapter, image, QUESTIONS[0])
     n = sample.n_visual
     # layers 0..K ran with every token and the probe; layers K+1.. with the kept ones only
-    assert recorder.lengths == [n_text + n + 1, n_text + n + 1, n_text + 12, n_text + 12]
+    assert lengths == [n_text + n + 1, n_text + n + 1, n_text + 12, n_text + 12]
     # ...and every layer's cache, 0..K included, holds only text + kept tokens (no probe)
     assert sample.kv_len_per_layer == [n_text + 12] * adapter.n_layers
     assert sample.kept_per_layer == [n, n, 12, 12]

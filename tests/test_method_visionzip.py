@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import noise_image, tiny_adapter
+from conftest import layer_lengths, noise_image, text_length, tiny_adapter
 
 from methods.visionzip import VisionZip, contextual_merge, split_budget
 from tokbench.engine import Engine
@@ -119,37 +119,17 @@ def test_counts_exact_and_deterministic(budget):
     assert torch.equal(first.keep_index, second.keep_index) and torch.equal(first.vision_states, second.vision_states)
 
 
-class _LayerLengths:
-    """Sequence length each decoder layer sees in prefill (first call only)."""
-
-    def __init__(self, adapter):
-        self.lengths: list[int] = []
-        self.handles = [layer.register_forward_pre_hook(self._hook) for layer in adapter.layers]
-
-    def _hook(self, module, args):
-        if len(self.lengths) < len(self.handles):
-            self.lengths.append(args[0].shape[1])
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-llava"])
 def test_end_to_end_counts_and_dominant_choice(name):
     adapter = tiny_adapter(name)
     image, question = noise_image(224, 224), "What colour is the square?"
-    recorder = _LayerLengths(adapter)
-    try:
+    with layer_lengths(adapter) as lengths:
         engine = Engine(adapter, build_method("visionzip", Budget.tokens(16)), record_kept=True)
         out = engine.generate([[image]], [question], [0], 2)
-    finally:
-        recorder.close()
     sample = out.samples[0]
-    batch = adapter.preprocess([[image]], [question])
-    n_text = int((batch.input_ids != adapter.image_token_id).sum())
+    n_text = text_length(adapter, image, question)
     assert sample.n_visual == 64 and sample.n_kept_input == 16 and sample.kept_per_layer == [16] * adapter.n_layers
-    assert recorder.lengths == [n_text + 16] * adapter.n_layers
+    assert lengths == [n_text + 16] * adapter.n_layers
     again = engine.generate([[image]], [question], [0], 2).samples[0]
     assert again.kept_index == sample.kept_index and again.tokens == sample.tokens
 
@@ -160,7 +140,7 @@ def test_end_to_end_counts_and_dominant_choice(name):
     kept = drop_only.generate([[image]], [question], [0], 1).samples[0].kept_index["vision"]
     block = adapter.info().vision_feature_layer
     with torch.no_grad():
-        (visual,) = adapter.encode_images(batch, (), (block,))
+        (visual,) = adapter.encode_images(adapter.preprocess([[image]], [question]), (), (block,))
     stats = visual.extras["vision_attention"][block]
     score = stats["cls"].sum(0) if "cls" in stats else stats["received"]
     assert kept == sorted(score.topk(16).indices.tolist())

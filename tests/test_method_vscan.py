@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import noise_image, tiny_adapter
+from conftest import layer_lengths, noise_image, text_length, tiny_adapter
 
 from methods.vscan import VScan, local_scan, merge_into_kept, stage_counts, window_ids
 from tokbench.engine import Engine
@@ -136,37 +136,18 @@ def test_deterministic():
     assert torch.equal(a.keep_index, b.keep_index) and torch.equal(a.states, b.states)
 
 
-class _LayerLengths:
-    """Sequence length each decoder layer sees in prefill (first call only)."""
-
-    def __init__(self, adapter):
-        self.lengths: list[int] = []
-        self.handles = [layer.register_forward_pre_hook(self._hook) for layer in adapter.layers]
-
-    def _hook(self, module, args):
-        if len(self.lengths) < len(self.handles):
-            self.lengths.append(args[0].shape[1])
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-llava"])
 def test_end_to_end_counts_at_both_stages(name):
     adapter = tiny_adapter(name)
     image, question = noise_image(224, 224), "Where is the square?"
-    recorder = _LayerLengths(adapter)
-    try:
+    with layer_lengths(adapter) as lengths:
         engine = Engine(adapter, build_method("vscan", Budget.tokens(16)), record_kept=True)
         out = engine.generate([[image]], [question], [0], 2)
-    finally:
-        recorder.close()
     sample = out.samples[0]
-    n_text = int((adapter.preprocess([[image]], [question]).input_ids != adapter.image_token_id).sum())
+    n_text = text_length(adapter, image, question)
     assert sample.n_visual == 64 and sample.n_kept_input == 24
     assert sample.kept_per_layer == [24, 24, 8, 8]  # layer-averaged 16 = the budget
-    assert recorder.lengths == [n_text + k for k in sample.kept_per_layer]
+    assert lengths == [n_text + k for k in sample.kept_per_layer]
     assert sum(sample.kept_per_layer) / len(sample.kept_per_layer) == 16
     assert set(sample.kept_index["llm(1)"]) <= set(sample.kept_index["vision"])
     again = engine.generate([[image]], [question], [0], 2).samples[0]
