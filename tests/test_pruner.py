@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tokbench.pruner import Budget, BudgetError, MethodError, build_method, get_method_class, method_names
+from tokbench.pruner import Budget, BudgetError, MethodError, build_method, get_method_class
 
 
 @pytest.mark.parametrize("value", [0.0, -0.1, 1.5, float("nan")])

@@ -57,7 +57,6 @@ class RunConfig:
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
-    n_new: int
 
 
 class RunValidationError(ValueError):
@@ -134,7 +133,7 @@ def run(
 
     summary = summarize(store.records())
     store.update_manifest(summary=summary)
-    return RunResult(store.path, summary, len(todo))
+    return RunResult(store.path, summary)
 
 
 def _load_docs(task, doc_ids: list[int]):
