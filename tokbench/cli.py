@@ -31,17 +31,28 @@ ModelOpt = Annotated[
 ]
 RatioOpt = Annotated[Optional[float], typer.Option("--ratio", help="Keep this fraction of visual tokens, in (0, 1].")]
 BudgetOpt = Annotated[Optional[int], typer.Option("--budget", help="Keep this many visual tokens (>= 1).")]
+JudgeOpt = Annotated[
+    Optional[str], typer.Option("--judge", help="Judge for free-form tasks: endpoint URL (/v1), exact or local-hf:PATH.")
+]
+JudgeModelOpt = Annotated[Optional[str], typer.Option("--judge-model", help="Model name the judge endpoint serves.")]
+JudgeKeyOpt = Annotated[
+    Optional[str], typer.Option("--judge-key-env", help="Env var holding the judge's API key (default OPENAI_API_KEY).")
+]
+JudgeConcurrencyOpt = Annotated[Optional[int], typer.Option("--judge-concurrency", help="Judge calls in flight (8).")]
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from tokbench.config import ConfigError
+    from tokbench.judge import JudgeError
     from tokbench.models import ModelError
     from tokbench.pruner import BudgetError, MethodError
     from tokbench.runner import RunValidationError
     from tokbench.store import ConfigMismatchError
     from tokbench.tasks import TaskError
 
-    return (ConfigError, ModelError, BudgetError, MethodError, RunValidationError, ConfigMismatchError, TaskError)
+    return (
+        ConfigError, JudgeError, ModelError, BudgetError, MethodError, RunValidationError, ConfigMismatchError, TaskError
+    )  # fmt: skip
 
 
 def _fail(err: BaseException, code: int) -> None:
@@ -97,6 +108,10 @@ def run(
             "max pixels 3211264 (explicit options win).",
         ),
     ] = False,
+    judge: JudgeOpt = None,
+    judge_model: JudgeModelOpt = None,
+    judge_key_env: JudgeKeyOpt = None,
+    judge_concurrency: JudgeConcurrencyOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output dir (default: results/).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Extra tokbench.toml to read.")] = None,
 ) -> None:
@@ -106,6 +121,7 @@ def run(
     """
     try:
         from tokbench.config import load_config
+        from tokbench.judge import JudgeConfig
         from tokbench.runner import RunConfig, RunValidationError, validate
 
         cfg = load_config(config)
@@ -134,6 +150,9 @@ def run(
             random_weights=random_weights,
             max_pixels=max_pixels,
             save_masks=save_masks,
+            judge=JudgeConfig.from_table(
+                cfg.judge, judge=judge, model=judge_model, key_env=judge_key_env, concurrency=judge_concurrency
+            ),
             output=str(output or d.get("output", "results")),
         )
         from tokbench.models import resolve_model
@@ -153,6 +172,12 @@ def run(
         _fail(err, 2)
     result = _execute(run_config, cfg.models)
     _print_summary(result)
+    if result.summary.get("n_unscored"):
+        from tokbench.cli_judge import unscored_message
+
+        console.print(unscored_message(result.run_dir, result.summary["n_unscored"], result.judge_error or (result.judge and result.judge.error)))
+        if result.judge_error or result.judge:
+            raise typer.Exit(1)
     if result.summary.get("n_errors"):
         console.print(f"{result.summary['n_errors']} sample(s) failed; see the 'error' field in {result.run_dir}")
         raise typer.Exit(3)
@@ -250,4 +275,4 @@ def list_(what: Annotated[str, typer.Argument(help="methods | tasks | models")])
 
 
 from tokbench.cli_analysis import register; register(app)  # noqa: E402, E702 - sweep, report, regress, plot
-
+from tokbench.cli_judge import register as _judge; _judge(app)  # noqa: E402, E702 - judge

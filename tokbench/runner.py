@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tokbench.judge import JudgeConfig, JudgeError, JudgeReport
 from tokbench.pruner import Budget, BudgetError, build_method, method_config
 
 
@@ -36,6 +37,7 @@ class RunConfig:
     random_weights: bool = False
     max_pixels: int | None = None
     save_masks: bool = False
+    judge: JudgeConfig | None = None  # judged tasks (Visual-CoT): scores predictions after generation
     output: str = "results"
 
     def make_budget(self) -> Budget:
@@ -48,8 +50,8 @@ class RunConfig:
         return Budget.full()
 
     def identity(self) -> dict[str, Any]:
-        """The settings that change results (not output dir, batch size, warm-up or mask saving)."""
-        skip = {"output", "batch_size", "warmup", "save_masks"}
+        """The settings that change predictions (not output dir, batch size, warm-up, masks or judge)."""
+        skip = {"output", "batch_size", "warmup", "save_masks", "judge"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -57,6 +59,8 @@ class RunConfig:
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
+    judge: JudgeReport | None = None  # judged tasks, when a judge was given
+    judge_error: str | None = None  # the judge could not be used (bad key, unknown model)
 
 
 class RunValidationError(ValueError):
@@ -75,6 +79,10 @@ def validate(config: RunConfig):
         raise RunValidationError(f"position policy {config.position_policy!r}: use keep or reindex")
     method = build_method(config.method, config.make_budget(), config.method_args)
     task = load_task(config.task, data_dir=config.data_dir, limit=config.limit)
+    if task.judged and config.judge is not None and config.judge.judge:
+        from tokbench.judge import check_judge
+
+        check_judge(config.judge)
     out = Path(config.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -103,9 +111,8 @@ def run(
     )
     store = RunStore(Path(config.output), run_id)
     store.open({**identity, "method_config": method_config(method), "task_version": task.version})
-    store.update_manifest(
-        settings={k: getattr(config, k) for k in ("output", "batch_size", "warmup", "save_masks")}
-    )
+    settings = {k: getattr(config, k) for k in ("output", "batch_size", "warmup", "save_masks")}
+    store.update_manifest(settings={**settings, "judge": asdict(config.judge) if config.judge else None})
     todo = [d for d in task.doc_ids() if d not in store.done_doc_ids()]
     adapter = load_model(
         config.model,
@@ -133,7 +140,23 @@ def run(
 
     summary = summarize(store.records())
     store.update_manifest(summary=summary)
-    return RunResult(store.path, summary)
+    result = RunResult(store.path, summary)
+    if task.judged and config.judge is not None and config.judge.judge:
+        _judge(result, config.judge)
+    return result
+
+
+def _judge(result: RunResult, judge_config: JudgeConfig) -> None:
+    """Score the run's predictions; a judge that cannot be used leaves them saved and unscored."""
+    from tokbench.judge import build_judge, judge_run
+
+    try:
+        result.judge = judge_run(result.run_dir, build_judge(judge_config), judge_config.concurrency)
+    except JudgeError as err:
+        result.judge_error = str(err)
+    from tokbench.store import RunStore
+
+    result.summary = RunStore(result.run_dir.parent, result.run_dir.name).manifest()["summary"]
 
 
 def _load_docs(task, doc_ids: list[int]):
@@ -199,7 +222,7 @@ class _Recorder:
     def _row(self, doc, sample, out, memory) -> dict[str, Any]:
         from tokbench.records import efficiency_fields
 
-        scores = self.task.score(doc.doc_id, sample.text)
+        scores = {} if self.task.judged else self.task.score(doc.doc_id, sample.text)
         row = {
             **self.base,
             "doc_id": doc.doc_id,
@@ -211,6 +234,8 @@ class _Recorder:
         }
         if self.config.save_masks:
             row["kept_index"] = sample.kept_index
+        if self.task.judged:  # scored later by tokbench.judge (judge_run)
+            row.update(question=doc.meta.get("question", doc.prompt), subset=doc.meta.get("subset"), judge=None)
         return row
 
     def _error_row(self, doc_id: int, message: str, batch_size: int) -> dict[str, Any]:

@@ -34,7 +34,10 @@ SAMPLE_FIELDS: tuple[str, ...] = (
     "kv_cache_mb", "peak_mem_mb", "peak_mem_source", "batch_size", "error",
 )  # fmt: skip
 # Optional keys a record may carry beyond the schema; written only when present.
-OPTIONAL_FIELDS: tuple[str, ...] = ("kept_index",)  # --save-masks: kept visual-token indices per stage
+OPTIONAL_FIELDS: tuple[str, ...] = (
+    "kept_index",  # --save-masks: kept visual-token indices per stage
+    "question", "subset", "judge", "judge_reply", "judge_error",  # judged tasks (tokbench.judge)
+)  # fmt: skip
 
 SAMPLES = "samples.jsonl"
 MANIFEST = "manifest.json"
@@ -196,23 +199,33 @@ class RunStore:
         lacks are written as null; an unknown key or a missing ``doc_id`` raises before anything is
         written.
         """
-        allowed = set(SAMPLE_FIELDS) | set(OPTIONAL_FIELDS)
-        lines = []
-        for index, record in enumerate(records):
-            unknown = sorted(set(record) - allowed)
-            if unknown:
-                raise ValueError(f"record {index} has key(s) outside the results schema: {', '.join(unknown)}")
-            if record.get("doc_id") is None:
-                raise ValueError(f"record {index} has no doc_id")
-            row = {k: record.get(k) for k in SAMPLE_FIELDS}
-            row.update({k: record[k] for k in OPTIONAL_FIELDS if k in record})
-            lines.append(json.dumps(row, default=_json_default) + "\n")
+        lines = _lines(records)
         if not lines:
             return
         with open(self.samples_path, "a", encoding="utf-8") as f:
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
+
+    def replace_records(self, records: list[dict[str, Any]]) -> None:
+        """Replace every record at once (``tokbench judge`` filling in scores), atomically."""
+        _write_atomically(self.samples_path, "".join(_lines(records)))
+
+
+def _lines(records: list[dict[str, Any]]) -> list[str]:
+    """Records as JSON lines in schema order; raises on an unknown key or a missing doc_id."""
+    allowed = set(SAMPLE_FIELDS) | set(OPTIONAL_FIELDS)
+    lines = []
+    for index, record in enumerate(records):
+        unknown = sorted(set(record) - allowed)
+        if unknown:
+            raise ValueError(f"record {index} has key(s) outside the results schema: {', '.join(unknown)}")
+        if record.get("doc_id") is None:
+            raise ValueError(f"record {index} has no doc_id")
+        row = {k: record.get(k) for k in SAMPLE_FIELDS}
+        row.update({k: record[k] for k in OPTIONAL_FIELDS if k in record})
+        lines.append(json.dumps(row, default=_json_default) + "\n")
+    return lines
 
 
 def _check_same_config(run_dir: Path, stored: dict[str, Any], config: dict[str, Any]) -> None:

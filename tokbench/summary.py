@@ -49,13 +49,32 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def mean_over_subsets(pairs: list[tuple[str, float]]) -> float | None:
+    """Mean score per subset, then the unweighted mean of those (Visual-CoT's average over subsets)."""
+    by_subset: dict[str, list[float]] = {}
+    for subset, score in pairs:
+        by_subset.setdefault(subset, []).append(float(score))
+    return _mean([sum(v) / len(v) for v in by_subset.values()])
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """n, n_errors; over rows without an error: accuracy (mean score), mean retention figures,
-    mean flops_ratio, mean / p50 / p90 ttft_ms, mean e2e_ms and kv_cache_mb, max peak_mem_mb."""
+    mean flops_ratio, mean / p50 / p90 ttft_ms, mean e2e_ms and kv_cache_mb, max peak_mem_mb.
+
+    Judged tasks (rows with a ``judge`` key) add ``n_unscored`` (predictions the judge has not scored
+    yet); rows with a ``subset`` make accuracy the unweighted mean over subsets, with
+    ``accuracy_by_subset``.
+    """
     ok = [r for r in records if r.get("error") is None]
     summary: dict[str, Any] = {"n": len(records), "n_errors": len(records) - len(ok)}
     for key, field in _MEANS.items():
         summary[key] = _mean(_values(ok, field))
+    if any("judge" in r for r in ok):
+        summary["n_unscored"] = sum(1 for r in ok if r.get("score") is None)
+    scored = [(r["subset"], r["score"]) for r in ok if r.get("subset") is not None and r.get("score") is not None]
+    if scored:
+        summary["accuracy"] = mean_over_subsets(scored)
+        summary["accuracy_by_subset"] = {s: mean_over_subsets([p for p in scored if p[0] == s]) for s in sorted({s for s, _ in scored})}
     ttft = _values(ok, "ttft_ms")
     summary["ttft_p50_ms"] = _percentile(ttft, 50)
     summary["ttft_p90_ms"] = _percentile(ttft, 90)
@@ -69,6 +88,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 _ROWS = (  # (key, label, format)
     ("n", "samples", "{:d}"),
     ("n_errors", "errors", "{:d}"),
+    ("n_unscored", "not yet judged", "{:d}"),
     ("accuracy", "accuracy", "{:.4f}"),
     ("retention", "retention (headline)", "{:.1%}"),
     ("retention_input", "retention, LLM input", "{:.1%}"),

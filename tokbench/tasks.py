@@ -76,6 +76,13 @@ class Task:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def judged(self) -> bool:
+        """Scored by an LLM judge after generation (YAML ``metadata.tokbench_judge``), not per document."""
+        metadata = self.lmms_task.config.metadata
+        entries = metadata if isinstance(metadata, list) else [metadata]
+        return any(isinstance(e, dict) and e.get("tokbench_judge") for e in entries)
+
     def __repr__(self) -> str:
         return f"Task({self.name!r}, version={self.version!r}, docs={self._len}, data={self.data!r})"
 
@@ -269,6 +276,8 @@ def _data_override(name: str, config: dict, data_dir: str | None) -> tuple[dict,
     from tokbench.synth import data_root, ensure_vstar_synth
 
     split = config.get("test_split") or config.get("validation_split") or "test"
+    if name.startswith("visual_cot"):
+        return _visual_cot_override(name, split, data_dir)
     if name == "vstar_synth":
         path = Path(data_dir).expanduser() if data_dir else ensure_vstar_synth()
         parquet = path if path.is_file() else path / "test.parquet"
@@ -295,6 +304,26 @@ def _data_override(name: str, config: dict, data_dir: str | None) -> tuple[dict,
     if "video" not in kwargs:
         kwargs.setdefault("cache_dir", str(data_root() / "hf-datasets"))
     return {"dataset_path": str(path), "dataset_kwargs": kwargs}, path
+
+
+def _visual_cot_override(name: str, split: str, data_dir: str | None) -> tuple[dict, Path]:
+    """Visual-CoT tasks read one table built from the official layout (tokbench.visual_cot)."""
+    from tokbench.synth import data_root
+    from tokbench.synth.visual_cot import ensure_visual_cot_synth
+    from tokbench.visual_cot import VisualCoTError, build_table, subsets_for
+
+    if data_dir is None and name != "visual_cot_synth":
+        raise TaskError(
+            f"task {name} needs the Visual-CoT benchmark: pass --data-dir with the viscot_benchmark folder "
+            "and its images (docs/tasks.md)"
+        )
+    source = Path(data_dir).expanduser().resolve() if data_dir else ensure_visual_cot_synth()
+    try:
+        parquet = build_table(source, subsets_for(name))
+    except VisualCoTError as err:
+        raise TaskError(f"task {name}: {err}") from None
+    kwargs = {"data_files": {split: str(parquet)}, "cache_dir": str(data_root() / "hf-datasets")}
+    return {"dataset_path": "parquet", "dataset_name": None, "dataset_kwargs": kwargs}, source
 
 
 def _check_cached(name: str, config: dict) -> None:

@@ -1,0 +1,190 @@
+"""The LLM judge: protocol parsing, the fake OpenAI-compatible server end to end, cache, outages, bad keys."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from fake_judge import FakeJudge, closed_port_url
+from typer.testing import CliRunner
+
+from tokbench.cli import app
+from tokbench.judge import DiskCache, ExactJudge, JudgeConfig, JudgeError, build_judge, judge_items, parse_score
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("reply", "score"),
+    [
+        ("score: 0.8", 0.8),
+        ("Score: 1", 1.0),
+        ("The answer is right.\nscore: 1.0", 1.0),
+        ("score: 3", 1.0),  # clamped
+        ("score: 0.5 ... on reflection score: 0.7", 0.0),  # ambiguous
+        ("score: .", 0.0),
+        ("score:0.9", 0.0),  # the protocol's pattern needs the space
+        ("no verdict", 0.0),
+        ("", 0.0),
+        (None, 0.0),
+    ],
+)
+def test_parse_score_follows_the_protocol(reply, score):
+    assert parse_score(reply) == score
+
+
+def test_exact_judge_ignores_case_punctuation_and_spacing():
+    judge = ExactJudge()
+    assert parse_score(judge.reply("q", "The small square is red.", "the small  square is red")) == 1.0
+    assert parse_score(judge.reply("q", "red", "blue")) == 0.0
+
+
+@pytest.mark.parametrize("spec", ["ftp://x", "local-hf:", "gpt-4"])
+def test_bad_judge_specs_are_one_line_errors(spec):
+    with pytest.raises(JudgeError, match="unknown judge"):
+        build_judge(JudgeConfig(judge=spec, model="m"))
+    with pytest.raises(JudgeError, match="--judge-model"):
+        build_judge(JudgeConfig(judge="http://127.0.0.1:1/v1"))
+
+
+def test_judge_items_bounded_concurrency_and_cache(tmp_path):
+    with FakeJudge() as server:
+        judge = build_judge(JudgeConfig(judge=server.url, model="fake", concurrency=3), cache_root=tmp_path)
+        items = [("q", "red", "red"), ("q", "red", "blue"), ("q", "a", "b"), ("q", "x", "x")]
+        verdicts = judge_items(judge, items, concurrency=3)
+        assert [v.score for v in verdicts] == [1.0, 0.25, 0.25, 1.0]
+        assert server.calls == 4
+        again = judge_items(judge, items, concurrency=3)
+        assert [v.score for v in again] == [1.0, 0.25, 0.25, 1.0] and server.calls == 4  # all from the cache
+        system = server.requests[0]["messages"][0]
+        assert system["role"] == "system" and 'score: <score>' in system["content"]
+        assert server.requests[0]["temperature"] == 0 and server.requests[0]["max_tokens"] == 512
+    assert len(list(DiskCache(tmp_path).root.rglob("*.json"))) == 4
+
+
+@pytest.fixture(scope="module")
+def predictions(tmp_path_factory):
+    """One generation run of the offline Visual-CoT twin without a judge: predictions saved, unscored."""
+    out = tmp_path_factory.mktemp("viscot")
+    result = runner.invoke(app, ["run", "--method", "random", "--ratio", "0.5", "--task", "visual-cot-synth",
+                                 "--limit", "4", "--max-new-tokens", "4", "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "not judged" in result.output
+    (run_dir,) = out.iterdir()
+    rows = _rows(run_dir)
+    assert len(rows) == 4 and all(r["score"] is None and "judge" in r for r in rows)
+    assert {r["subset"] for r in rows} == {"shapes"} and all(r["question"].startswith("What") for r in rows)
+    return run_dir
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
+
+
+def _config(tmp_path: Path, retries: int) -> str:
+    path = tmp_path / "judge.toml"
+    path.write_text(f"[judge]\nretries = {retries}\n")
+    return str(path)
+
+
+def test_judge_command_scores_and_second_pass_is_free(predictions, tmp_path):
+    model = f"fake-{uuid.uuid4().hex}"  # a fresh cache key
+    with FakeJudge() as server:
+        run_dir = _copy(predictions, tmp_path)
+        result = runner.invoke(app, ["judge", str(run_dir), "--judge", server.url, "--judge-model", model])
+        assert result.exit_code == 0, result.output
+        rows = _rows(run_dir)
+        first = server.calls  # identical prompts judged at the same time may both call
+        assert len({(r["question"], r["target"], r["prediction"]) for r in rows}) <= first <= 4
+        assert all(r["score"] == 0.25 and r["judge"] == f"{model}@{server.url}" for r in rows)
+        assert all("score: 0.25" in r["judge_reply"] for r in rows)
+        summary = json.loads((run_dir / "manifest.json").read_text())["summary"]
+        assert summary["accuracy"] == 0.25 and summary["n_unscored"] == 0
+        again = _copy(predictions, tmp_path / "again")
+        result = runner.invoke(app, ["judge", str(again), "--judge", server.url, "--judge-model", model])
+        assert result.exit_code == 0 and server.calls == first  # every reply came from the disk cache
+        assert [r["score"] for r in _rows(again)] == [0.25] * 4
+
+
+def test_garbage_reply_scores_zero_and_keeps_the_text(predictions, tmp_path):
+    with FakeJudge(mode="garbage") as server:
+        run_dir = _copy(predictions, tmp_path)
+        result = runner.invoke(app, ["judge", str(run_dir), "--judge", server.url, "--judge-model", uuid.uuid4().hex])
+        assert result.exit_code == 0, result.output
+        assert all(r["score"] == 0.0 and r["judge_reply"] == "I would rather not grade this." for r in _rows(run_dir))
+
+
+def test_server_errors_are_retried_until_it_recovers(predictions, tmp_path):
+    with FakeJudge(fail_first=3) as server:
+        run_dir = _copy(predictions, tmp_path)
+        args = ["judge", str(run_dir), "--judge", server.url, "--judge-model", uuid.uuid4().hex,
+                "--judge-concurrency", "1", "--config", _config(tmp_path, retries=4)]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        distinct = {(r["question"], r["target"], r["prediction"]) for r in _rows(run_dir)}
+        assert server.calls == 3 + len(distinct)  # 3 failures retried, then one call per distinct prompt
+        assert [r["score"] for r in _rows(run_dir)] == [0.25] * 4
+
+
+def test_judge_down_keeps_predictions_and_judge_finishes_later(tmp_path):
+    model = uuid.uuid4().hex
+    out = tmp_path / "runs"
+    args = ["run", "--method", "full", "--task", "visual-cot-synth", "--limit", "3", "--max-new-tokens", "4",
+            "-o", str(out), "--judge", closed_port_url(), "--judge-model", model,
+            "--config", _config(tmp_path, retries=0)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "3 prediction(s) saved but not judged" in result.output and "tokbench judge" in result.output
+    (run_dir,) = out.iterdir()
+    rows = _rows(run_dir)
+    assert len(rows) == 3 and all(r["prediction"] is not None and r["score"] is None for r in rows)
+    assert all(r["judge_error"] for r in rows)
+    with FakeJudge() as server:
+        result = runner.invoke(app, ["judge", str(run_dir), "--judge", server.url])  # model from the manifest
+        assert result.exit_code == 0, result.output
+    rows = _rows(run_dir)
+    assert all(r["score"] is not None and r["judge_error"] is None for r in rows)
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in _rows(run_dir)]
+
+
+def test_rejected_key_is_one_clear_line(predictions, tmp_path):
+    with FakeJudge(status=401) as server:
+        run_dir = _copy(predictions, tmp_path)
+        args = ["judge", str(run_dir), "--judge", server.url, "--judge-model", "m", "--judge-key-env", "MY_JUDGE_KEY"]
+        result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "rejected the API key (401); set $MY_JUDGE_KEY" in result.output
+    assert all(r["score"] is None for r in _rows(run_dir))
+
+
+def test_local_hf_judge_replies_and_unparsable_text_scores_zero(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tokbench.models.tiny import qwen_processor
+
+    processor, ids = qwen_processor()
+    tokenizer = processor.tokenizer
+    tokenizer.chat_template = processor.chat_template
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]))  # fmt: skip
+    model.save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    judge = build_judge(JudgeConfig(judge=f"local-hf:{tmp_path / 'judge'}"), cache_root=tmp_path / "cache")
+    reply = judge.reply("What colour?", "red", "blue")
+    assert isinstance(reply, str) and judge.calls == 1
+    assert parse_score(reply) == 0.0  # a random model does not write "score: x"
+    assert judge.reply("What colour?", "red", "blue") == reply and judge.calls == 1  # cached
+
+
+def test_missing_local_judge_is_a_usage_error(tmp_path):
+    with pytest.raises(JudgeError, match="cannot be loaded"):
+        build_judge(JudgeConfig(judge=f"local-hf:{tmp_path / 'nothing'}"))
