@@ -32,3 +32,20 @@ def test_simple_evaluate_runs_pruned_with_efficiency_records(tmp_path):
     for row in rows:
         assert row["method"] == "random" and row["n_kept_input"] == 16
         assert row["retention_input"] == 16 / row["n_visual"] and row["ttft_ms"] > 0
+
+
+def test_lmms_eval_judges_visual_cot_with_the_env_judge(tmp_path, monkeypatch):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    monkeypatch.setenv("TOKBENCH_JUDGE", "exact")
+    out = simple_evaluate(
+        model="tokbench",
+        model_args="pretrained=tiny-qwen2.5-vl,method=random,budget=16",
+        tasks=["visual_cot_synth"],
+        limit=3,
+        batch_size=1,
+        gen_kwargs="max_new_tokens=4",
+        task_manager=TaskManager(include_path=str(PROJECT_ROOT / "tasks")),
+    )
+    assert out["results"]["visual_cot_synth"]["judge_score,none"] == 0.0  # a random model never matches

@@ -227,7 +227,8 @@ def test_missing_data_dir_is_a_task_error(tmp_path):
 
 
 def test_task_names_is_cheap():
-    assert task_names()[0] == "vstar_synth"
+    names = task_names()
+    assert {"vstar_synth", "visual_cot", "visual_cot_gqa", "visual_cot_synth"} <= set(names)
     assert any(line.startswith("vstar = vstar_bench") for line in task_names())
     code = (
         "import sys; from tokbench.tasks import task_names; task_names(); "

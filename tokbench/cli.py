@@ -171,6 +171,8 @@ def run(
     except _usage_errors() as err:
         _fail(err, 2)
     result = _execute(run_config, cfg.models)
+    if result.summary is None:  # a non-main process of a data-parallel run: the main one reports
+        return
     _print_summary(result)
     if result.summary.get("n_unscored"):
         from tokbench.cli_judge import unscored_message

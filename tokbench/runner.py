@@ -7,6 +7,7 @@ per batch; rerunning with the same output dir and settings skips the documents a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -58,7 +59,7 @@ class RunConfig:
 @dataclass
 class RunResult:
     run_dir: Path
-    summary: dict[str, Any]
+    summary: dict[str, Any] | None  # None on the non-main processes of a data-parallel run
     judge: JudgeReport | None = None  # judged tasks, when a judge was given
     judge_error: str | None = None  # the judge could not be used (bad key, unknown model)
 
@@ -99,7 +100,12 @@ def run(
     aliases: dict[str, str],
     on_batch: Callable[[int, int], None] | None = None,
 ) -> RunResult:
-    """Execute ``config``; ``on_batch(done, total)`` reports progress."""
+    """Execute ``config``; ``on_batch(done, total)`` reports progress.
+
+    Under ``accelerate launch`` (several processes) each rank takes every world-size-th remaining
+    document and writes its own shard; the main process merges the shards into one run and returns
+    the summary (the other ranks return ``summary=None``).
+    """
     from tokbench.engine import Engine
     from tokbench.models import load_model
     from tokbench.store import RunStore, make_run_id
@@ -110,19 +116,30 @@ def run(
         {**identity, "method_config": method_config(method), "budget_label": method.budget.label()}
     )
     store = RunStore(Path(config.output), run_id)
-    store.open({**identity, "method_config": method_config(method), "task_version": task.version})
-    settings = {k: getattr(config, k) for k in ("output", "batch_size", "warmup", "save_masks")}
-    store.update_manifest(settings={**settings, "judge": asdict(config.judge) if config.judge else None})
-    todo = [d for d in task.doc_ids() if d not in store.done_doc_ids()]
-    adapter = load_model(
-        config.model,
-        aliases,
-        dtype=config.dtype,
-        attn_implementation=config.attn_implementation,
-        random_weights=config.random_weights,
-        max_pixels=config.max_pixels,
-    )
-    store.update_manifest(model=adapter.describe())
+    state = _distributed_state()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    if rank == 0:
+        store.open({**identity, "method_config": method_config(method), "task_version": task.version})
+        store.merge_shards()  # left by an interrupted data-parallel run
+        settings = {k: getattr(config, k) for k in ("output", "batch_size", "warmup", "save_masks")}
+        judge = asdict(config.judge) if config.judge else None
+        store.update_manifest(settings={**settings, "judge": judge, "processes": world})
+    if state:
+        state.wait_for_everyone()
+    todo = [d for d in task.doc_ids() if d not in store.done_doc_ids()][rank::world]
+    writer = store if world == 1 else RunStore(store.root, run_id, rank=rank)
+    with state.main_process_first() if state else contextlib.nullcontext():  # one rank builds caches
+        adapter = load_model(
+            config.model,
+            aliases,
+            dtype=config.dtype,
+            attn_implementation=config.attn_implementation,
+            device=str(state.device) if state and state.device.type != "cpu" else None,
+            random_weights=config.random_weights,
+            max_pixels=config.max_pixels,
+        )
+    if rank == 0:
+        store.update_manifest(model=adapter.describe())
     engine = Engine(adapter, method, config.position_policy, seed=config.seed, record_kept=config.save_masks)
     max_new = config.max_new_tokens or int(task.gen_kwargs.get("max_new_tokens", 16))
     recorder = _Recorder(config, method, adapter, run_id, task)
@@ -133,9 +150,14 @@ def run(
             if docs:
                 engine.generate([d.images for d in docs], [d.prompt for d in docs], [d.doc_id for d in docs], max_new)
     for done, doc_ids in enumerate(batches, start=1):
-        store.append(recorder.run_batch(engine, doc_ids, max_new))
+        writer.append(recorder.run_batch(engine, doc_ids, max_new))
         if on_batch:
             on_batch(done, len(batches))
+    if state:
+        state.wait_for_everyone()
+        if rank != 0:
+            return RunResult(store.path, None)
+        store.merge_shards()
     from tokbench.summary import summarize
 
     summary = summarize(store.records())
@@ -144,6 +166,21 @@ def run(
     if task.judged and config.judge is not None and config.judge.judge:
         _judge(result, config.judge)
     return result
+
+
+def _distributed_state():
+    """accelerate's process state when launched as several processes (``accelerate launch``), else None.
+
+    CPU-only processes use the gloo backend (accelerate's MULTI_CPU); GPUs one device per process.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _judge(result: RunResult, judge_config: JudgeConfig) -> None:

@@ -136,11 +136,12 @@ def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int | None]:
 class RunStore:
     """One run directory: ``RunStore(root, run_id).path == root / run_id``. Call ``open`` first."""
 
-    def __init__(self, root: Path, run_id: str):
+    def __init__(self, root: Path, run_id: str, rank: int | None = None):
+        """``rank``: a data-parallel process writing its own ``samples.rank<k>.jsonl`` (``merge_shards``)."""
         self.root = Path(root)
         self.run_id = run_id
         self.path = self.root / run_id
-        self.samples_path = self.path / SAMPLES
+        self.samples_path = self.path / (SAMPLES if rank is None else f"samples.rank{rank}.jsonl")
         self.manifest_path = self.path / MANIFEST
 
     # --- manifest ---------------------------------------------------------------------------------
@@ -206,6 +207,21 @@ class RunStore:
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
+
+    def merge_shards(self) -> int:
+        """Fold the ranks' ``samples.rank*.jsonl`` into ``samples.jsonl`` in doc-id order (doc ids already
+        there are kept once), then delete the shards; returns how many records were added."""
+        shards = sorted(self.path.glob("samples.rank*.jsonl"))
+        done = self.done_doc_ids()
+        new: dict[int, dict[str, Any]] = {}
+        for shard in shards:
+            for record in _read_lines(shard)[0]:
+                if record["doc_id"] not in done:
+                    new.setdefault(record["doc_id"], record)
+        self.append([new[d] for d in sorted(new)])
+        for shard in shards:
+            shard.unlink()
+        return len(new)
 
     def replace_records(self, records: list[dict[str, Any]]) -> None:
         """Replace every record at once (``tokbench judge`` filling in scores), atomically."""

@@ -8,8 +8,8 @@ and without the box request; the reference answer is the last turn (GlimpsePrune
 ``viscot_eval/infer_cot.py``).
 
 ``build_table(data_dir, subsets)`` writes ``test.parquet`` (columns ``question_id``, ``subset``,
-``question``, ``answer``, ``bbox``, ``image`` as a path that decodes lazily) into the data cache and
-returns its path; the lmms-eval tasks in ``tasks/visual_cot*`` read it. ``data_dir`` may hold
+``question``, ``answer``, ``bbox``, ``image`` = the image file's path, opened per document) into the
+data cache and returns its path; the lmms-eval tasks in ``tasks/visual_cot*`` read it. ``data_dir`` may hold
 ``benchmark/`` or ``viscot_benchmark/benchmark/`` or the JSON files directly; images are looked up
 under ``data_dir`` (then ``data_dir/images``, then with ``val/`` after the third path component, as
 the official loader does for subsets stored that way).
@@ -26,6 +26,7 @@ SUBSETS = (
     "cub", "docvqa", "dude", "flickr30k", "gqa", "infographicsvqa",
     "openimages", "sroie", "textcap", "textvqa", "visual7w", "vsr",
 )  # fmt: skip  (GlimpsePrune's 12; Visual-CoT also has emotic)
+_TABLE_VERSION = 1  # bump when build_table's columns change: cached tables are rebuilt
 BOX_SENTENCE = "Please provide the bounding box coordinate of the region that can help you answer the question better."
 
 
@@ -95,7 +96,7 @@ def build_table(data_dir: Path, subsets: list[str]) -> Path:
     from tokbench.synth import data_root, quiet_datasets
 
     bench = benchmark_dir(data_dir)
-    stamp = [str(bench.resolve()), list(subsets)]
+    stamp = [_TABLE_VERSION, str(bench.resolve()), list(subsets)]
     stamp += [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(bench.glob("*.json"))]
     digest = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
     out = data_root() / "visual-cot-tables" / digest / "test.parquet"
@@ -109,11 +110,10 @@ def build_table(data_dir: Path, subsets: list[str]) -> Path:
             "question": datasets.Value("string"),
             "answer": datasets.Value("string"),
             "bbox": datasets.List(datasets.Value("int32")),
-            "image": datasets.Image(),
+            "image": datasets.Value("string"),
         }
     )
-    table = {name: [r[name] for r in rows] for name in features if name != "image"}
-    table["image"] = [{"path": r["image"], "bytes": None} for r in rows]
+    table = {name: [r[name] for r in rows] for name in features}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     with quiet_datasets():

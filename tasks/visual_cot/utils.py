@@ -38,7 +38,11 @@ def process_docs(dataset):
 
 
 def doc_to_visual(doc):
-    return [doc["image"].convert("RGB")]
+    """The record's image, opened from its path (a missing file fails this document only)."""
+    from PIL import Image
+
+    with Image.open(doc["image"]) as image:
+        return [image.convert("RGB")]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
