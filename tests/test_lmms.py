@@ -41,7 +41,7 @@ def test_lmms_eval_judges_visual_cot_with_the_env_judge(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKBENCH_JUDGE", "exact")
     out = simple_evaluate(
         model="tokbench",
-        model_args="pretrained=tiny-qwen2.5-vl,method=random,budget=16",
+        model_args=f"pretrained=tiny-qwen2.5-vl,method=random,budget=16,efficiency_path={tmp_path / 'eff.jsonl'}",
         tasks=["visual_cot_synth"],
         limit=3,
         batch_size=1,

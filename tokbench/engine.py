@@ -27,6 +27,14 @@ class SelectionError(RuntimeError):
     """A method returned an invalid keep set (unsorted, duplicate, out of range, wrong count)."""
 
 
+class ContextLengthError(ValueError):
+    """Samples whose prompt plus generation exceed the model's context; ``doc_ids`` names them."""
+
+    def __init__(self, doc_ids: list[int], message: str):
+        super().__init__(message)
+        self.doc_ids = doc_ids
+
+
 @dataclass
 class SampleOutput:
     """What one sample produced. Counts are visual tokens; ``seq_len_per_layer`` includes text."""
@@ -100,6 +108,7 @@ class Engine:
                 if any(s.stage == Stage.INPUT for s in self.specs):
                     images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
                 batch = adapter.preprocess(images, questions)
+                _check_context(batch.attention_mask.sum(1).tolist(), max_new_tokens, adapter, doc_ids)
                 vision_layers = tuple(sorted({v for s in self.specs for v in s.vision_layers}))
                 attention_layers = tuple(sorted({v for s in self.specs for v in s.vision_attention}))
                 visual = adapter.encode_images(batch, vision_layers, attention_layers)
@@ -241,6 +250,20 @@ class Engine:
         out = torch.stack(generated, dim=1).tolist()
         eos_ids = set(adapter.eos_token_ids)
         return [_until_eos(row, eos_ids) for row in out]
+
+
+def _check_context(lengths: list[int], max_new: int, adapter: ModelAdapter, doc_ids: list[int]) -> None:
+    """Raise ``ContextLengthError`` for samples whose prompt (all visual tokens) + ``max_new`` exceed
+    the language model's ``max_position_embeddings``."""
+    limit = adapter.text_config.max_position_embeddings
+    over = [(d, n) for d, n in zip(doc_ids, lengths) if n + max_new > limit]
+    if over:
+        worst = max(n for _, n in over)
+        raise ContextLengthError(
+            [d for d, _ in over],
+            f"prompt of {worst} tokens + {max_new} new tokens exceeds the model's context of {limit}; "
+            "lower --max-pixels or --max-new-tokens",
+        )
 
 
 class _Context:

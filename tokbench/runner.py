@@ -201,10 +201,7 @@ def _load_docs(task, doc_ids: list[int]):
     docs, errors = [], {}
     for doc_id in doc_ids:
         try:
-            doc = task.doc(doc_id)
-            if not doc.prompt.strip():
-                raise ValueError("empty question")
-            docs.append(doc)
+            docs.append(task.doc(doc_id))
         except Exception as err:  # noqa: BLE001 - any bad document is isolated to its own row
             errors[doc_id] = f"{type(err).__name__}: {err}"
     return docs, errors
@@ -240,11 +237,16 @@ class _Recorder:
         """Rows for ``docs``; on CUDA OOM the batch is retried in halves down to 1, then recorded as failed."""
         import torch
 
+        from tokbench.engine import ContextLengthError
         from tokbench.metrics import PeakMemory
 
         try:
             with PeakMemory(self.adapter.device) as memory:
                 out = engine.generate([d.images for d in docs], [d.prompt for d in docs], [d.doc_id for d in docs], max_new)
+        except ContextLengthError as err:  # those samples fail alone; the rest of the batch runs
+            rest = [d for d in docs if d.doc_id not in err.doc_ids]
+            failed = [self._error_row(d, f"ContextLengthError: {err}", len(docs)) for d in err.doc_ids]
+            return failed + (self._generate(engine, rest, max_new) if rest else [])
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(docs) == 1:

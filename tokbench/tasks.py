@@ -90,7 +90,8 @@ class Task:
         return list(range(self._len))
 
     def doc(self, doc_id: int) -> Doc:
-        """Load one document; a missing or undecodable image raises ``DocError`` naming the doc and file."""
+        """Load one document; a missing or undecodable image, or a question that is empty once the task's
+        pre/post prompts are taken off, raises ``DocError`` naming the doc (and the file)."""
         self._check(doc_id)
         task = self.lmms_task
         try:
@@ -101,6 +102,10 @@ class Task:
                 target = task.doc_to_target(row)
         except Exception as err:  # noqa: BLE001 - any failure becomes one message naming the doc
             raise DocError(f"task {self.name} doc {doc_id}{self._files(doc_id)}: {_one_line(err)}") from err
+        kwargs = getattr(task.config, "lmms_eval_specific_kwargs", None) or {}
+        core = str(prompt).removeprefix(kwargs.get("pre_prompt") or "").removesuffix(kwargs.get("post_prompt") or "")
+        if not core.strip():
+            raise DocError(f"task {self.name} doc {doc_id}: empty question")
         images = []
         for visual in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
             if not hasattr(visual, "convert"):
