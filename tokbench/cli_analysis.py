@@ -248,9 +248,30 @@ def plot(
         typer.echo(str(path))
 
 
+def bench(
+    model: Annotated[str, typer.Option(help="Model alias, hub id or path.")] = "tiny-qwen2.5-vl",
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Real architecture, random weights.")] = False,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "random,pool,fastv,divprune,visionzip,pyramiddrop,vscan",
+    ratio: Annotated[float, typer.Option(help="Retention for every method.")] = 0.4,
+    image: Annotated[str, typer.Option(help="Image size WxH (noise images).")] = "448x336",
+    batch: Annotated[int, typer.Option(help="Images per batch.")] = 1,
+    warmup: Annotated[int, typer.Option(help="Untimed iterations first.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed iterations (median).")] = 5,
+    quick: Annotated[bool, typer.Option("--quick", help="3 methods, few repeats (< 60 s on a 2-core CPU).")] = False,
+) -> None:
+    """Engine overhead vs plain HF, method TTFT vs an oracle drop, speedup vs FLOPs bound, memory (ratios).
+
+    Example: tokbench bench --model qwen2.5-vl-7b --random-weights --image 1344x1008 --batch 4 --ratio 0.111
+    """
+    from tokbench.overhead import measure
+
+    measure(model, random_weights, methods, ratio, image, batch, warmup, repeats, quick)
+
+
 def register(app: typer.Typer) -> None:
     """Add sweep, report, regress and plot to the `tokbench` app."""
     app.command()(sweep)
     app.command()(report)
     app.command()(regress)
     app.command()(plot)
+    app.command()(bench)
