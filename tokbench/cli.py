@@ -278,3 +278,4 @@ def list_(what: Annotated[str, typer.Argument(help="methods | tasks | models")])
 
 from tokbench.cli_analysis import register; register(app)  # noqa: E402, E702 - sweep, report, regress, plot
 from tokbench.cli_judge import register as _judge; _judge(app)  # noqa: E402, E702 - judge
+from tokbench.cli_train import register as _train; _train(app)  # noqa: E402, E702 - train-canary

@@ -3,11 +3,14 @@
 Nothing is downloaded. Each builder writes a complete checkpoint (config, weights, a tokenizer built
 from a byte-level alphabet, the image processor and the processor with its chat template) with
 ``save_pretrained``; the rest of tokbench loads it back through the same ``from_pretrained`` path as a
-hub model. Weights are random from a fixed seed unless trained weights ship in ``tokbench/assets``.
+hub model. ``tiny-qwen2.5-vl`` / ``tiny-llava`` carry the trained canary weights shipped in
+``tokbench/assets/canary`` (``tokbench train-canary``; docs/canary.md) when present; ``<name>-random`` is
+the same architecture from its seeded random init.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 TINY_MODELS = ("tiny-qwen2.5-vl", "tiny-llava")
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "canary"
 
 _QWEN_SPECIALS = [
     "<|endoftext|>",
@@ -128,7 +132,7 @@ def llava_token_ids(ids: dict[str, int]) -> dict[str, int]:
     return dict(image_token_id=ids["<image>"], pad_token_id=ids["<pad>"])
 
 
-def build_tiny_qwen(path: Path, seed: int = 0) -> Path:
+def build_tiny_qwen(path: Path, seed: int = 0, weights: Path | None = None) -> Path:
     """Write a tiny Qwen2.5-VL checkpoint (4 LLM layers, hidden 64; 4 ViT blocks) to ``path``.
 
     224x224 .. 448x448 pixels give 64 .. 256 merged visual tokens: enough to prune, small for CPUs.
@@ -168,13 +172,13 @@ def build_tiny_qwen(path: Path, seed: int = 0) -> Path:
         **special,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = _with_weights(Qwen2_5_VLForConditionalGeneration(config), weights)
     _set_generation_ids(model, special["eos_token_id"], special["pad_token_id"])
     _save_atomically(path, model, processor)
     return path
 
 
-def build_tiny_llava(path: Path, seed: int = 0) -> Path:
+def build_tiny_llava(path: Path, seed: int = 0, weights: Path | None = None) -> Path:
     """Write a tiny LLaVA-1.5 checkpoint (CLIP ViT 4 layers at 112 px -> 64 patches; Llama 4 layers)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -210,10 +214,19 @@ def build_tiny_llava(path: Path, seed: int = 0) -> Path:
         **llava_token_ids(ids),
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = _with_weights(LlavaForConditionalGeneration(config), weights)
     _set_generation_ids(model, ids["</s>"], ids["<pad>"])
     _save_atomically(path, model, processor)
     return path
+
+
+def _with_weights(model, weights: Path | None):
+    """``model`` with the state dict in ``weights`` (a safetensors file) loaded strictly, if given."""
+    if weights is not None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(weights))
+    return model
 
 
 def _set_generation_ids(model, eos: int, pad: int) -> None:
@@ -224,11 +237,27 @@ def _set_generation_ids(model, eos: int, pad: int) -> None:
 _BUILDERS = {"tiny-qwen2.5-vl": build_tiny_qwen, "tiny-llava": build_tiny_llava}
 
 
+def canary_weights(name: str) -> Path | None:
+    """The shipped trained weights of tiny model ``name``, if any."""
+    path = ASSETS / f"{name}.safetensors"
+    return path if path.is_file() else None
+
+
 def ensure_tiny(name: str, seed: int = 0) -> Path:
-    """Build tiny model ``name`` into the cache once and return its checkpoint directory."""
-    path = cache_root() / "models" / f"{name}-seed{seed}"
+    """Build tiny model ``name`` into the cache once and return its checkpoint directory.
+
+    ``name`` is one of ``TINY_MODELS`` (the trained canary when its weights ship, else random) or
+    ``<name>-random`` (always the seeded random init). The cache directory names the weights' digest,
+    so new shipped weights never reuse an old build.
+    """
+    base = name.removesuffix("-random")
+    if base not in _BUILDERS:
+        raise KeyError(f"no tiny model {name!r}; known: {', '.join(TINY_MODELS)} (and <name>-random)")
+    weights = None if name.endswith("-random") else canary_weights(base)
+    tag = "canary-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights else f"seed{seed}"
+    path = cache_root() / "models" / f"{base}-{tag}"
     if not (path / "config.json").exists():
-        _BUILDERS[name](path, seed=seed)
+        _BUILDERS[base](path, seed=seed, weights=weights)
     return path
 
 

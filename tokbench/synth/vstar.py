@@ -163,8 +163,18 @@ def _square_side(width: int, height: int) -> int:
     return max(8, int(round(max(width, height) / 14)))
 
 
-def _direct_item(rng, width, height, answer: int):
-    side = _square_side(width, height)
+def draw_item(
+    rng: np.random.Generator, category: str, answer: int, width: int, height: int, side: int | None = None
+) -> tuple[dict, Image.Image]:
+    """One item (row without ids, image) of ``category`` with option index ``answer``; ``side`` overrides
+    the square size (the canary's training curriculum starts with large squares)."""
+    make = _direct_item if category == "direct_attributes" else _relative_item
+    row, squares = make(rng, width, height, answer, side)
+    return row, _draw(rng, width, height, squares, side)
+
+
+def _direct_item(rng, width, height, answer: int, side: int | None = None):
+    side = side or _square_side(width, height)
     color = list(COLORS)[answer]
     box = _random_box(rng, width, height, side)
     options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(COLORS))
@@ -179,9 +189,9 @@ def _direct_item(rng, width, height, answer: int):
     return row, [(box, color)]
 
 
-def _relative_item(rng, width, height, answer: int):
+def _relative_item(rng, width, height, answer: int, side: int | None = None):
     """answer 0 = (A) left / above, 1 = (B) right / below, for the first square relative to the second."""
-    side = _square_side(width, height)
+    side = side or _square_side(width, height)
     horizontal = bool(rng.integers(2))
     first, second = (list(COLORS)[i] for i in rng.choice(4, size=2, replace=False))
     axis = 0 if horizontal else 1
@@ -219,7 +229,7 @@ def _overlaps(a, b, margin: int) -> bool:
     return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
 
 
-def _draw(rng, width, height, squares) -> Image.Image:
+def _draw(rng, width, height, squares, side: int | None = None) -> Image.Image:
     """Textured grey background, muted distractors away from the squares, then the solid squares."""
     base = rng.uniform(185, 225)
     coarse = rng.standard_normal((height // 56 + 2, width // 56 + 2)).astype(np.float32) * 9
@@ -230,7 +240,7 @@ def _draw(rng, width, height, squares) -> Image.Image:
     image = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
     draw = ImageDraw.Draw(image)
     keep_clear = [box for box, _ in squares]
-    side = _square_side(width, height)
+    side = side or _square_side(width, height)
     for _ in range(int(rng.integers(6, 13))):
         for _attempt in range(20):
             w, h = (int(v) for v in rng.integers(side // 2, 2 * side + 1, size=2))

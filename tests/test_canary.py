@@ -1,0 +1,60 @@
+"""The trained canary: training makes the loss fall, the shipped weights load, and pruning hurts it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tokbench.cli import app
+from tokbench.config import load_config
+from tokbench.models import load_model
+from tokbench.models.tiny import TINY_MODELS, canary_weights, ensure_tiny
+from tokbench.train.canary import CanaryConfig, draw_batch, train
+
+
+def test_a_few_training_steps_make_the_loss_fall():
+    adapter = load_model("tiny-qwen2.5-vl-random", load_config().models, dtype="float32", device="cpu")
+    cfg = CanaryConfig(steps=12, batch_size=4, eval_items=4, start_side=96, lr=3e-3)
+    result = train(adapter, cfg, log=lambda _: None)
+    losses = result["loss"]
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])  # from ~ln(vocab) towards the letters
+
+
+def test_training_items_follow_the_curriculum():
+    rng = np.random.default_rng(0)
+    images, questions, answers = draw_batch(rng, 6, lambda w, h: 80)
+    assert len(images) == 6 and all(q.endswith("directly.") for q in questions)
+    assert set(answers) <= set("ABCD")
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_shipped_canary_loads_instead_of_the_random_init(name):
+    if canary_weights(name) is None:
+        pytest.skip(f"no shipped canary for {name}")
+    trained, random = ensure_tiny(name), ensure_tiny(f"{name}-random")
+    assert trained != random and "canary-" in trained.name
+    aliases = load_config().models
+    a = load_model(name, aliases, dtype="float32", device="cpu").model.state_dict()
+    b = load_model(f"{name}-random", aliases, dtype="float32", device="cpu").model.state_dict()
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def _accuracy(tmp_path, *args) -> float:
+    result = CliRunner().invoke(app, ["run", "--task", "vstar-synth", "--limit", "40", "--batch-size", "8",
+                                      "--output", str(tmp_path), *args])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    return json.loads((run_dir / "manifest.json").read_text())["summary"]["accuracy"]
+
+
+def test_canary_answers_with_full_tokens_and_fails_when_pruned_at_random(tmp_path):
+    if canary_weights("tiny-qwen2.5-vl") is None:
+        pytest.skip("no shipped canary")
+    full = _accuracy(tmp_path / "full", "--method", "full", "--model", "tiny-qwen2.5-vl")
+    pruned = _accuracy(tmp_path / "random", "--method", "random", "--ratio", "0.1", "--model", "tiny-qwen2.5-vl")
+    assert full >= 0.85 and pruned <= full - 0.2
