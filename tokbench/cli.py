@@ -215,18 +215,35 @@ def _print_summary(result) -> None:
 
 @app.command()
 def show(
-    image: Annotated[Path, typer.Option(help="Image file.")],
-    question: Annotated[str, typer.Option(help="The question asked about it.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods, e.g. full,random,fastv.")],
-    out: Annotated[Path, typer.Option(help="Output figure (PNG and PDF are written).")],
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run dirs made with --save-masks (with --doc-id).")] = None,
+    doc_id: Annotated[Optional[int], typer.Option("--doc-id", help="Document to draw from the saved runs.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Image file (live mode).")] = None,
+    question: Annotated[Optional[str], typer.Option(help="The question asked about it (live mode).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods, e.g. full,random,fastv (live mode).")] = None,
+    out: Annotated[Path, typer.Option(help="Output figure (PNG and PDF are written).")] = Path("show.png"),
     model: ModelOpt = "tiny-qwen2.5-vl",
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
 ) -> None:
-    """Draw which visual tokens each method keeps on one image (pruned cells dimmed).
+    """Draw which visual tokens each method keeps (pruned cells dimmed): live on one image, or from saved runs.
 
-    Example: tokbench show --image cat.png --question "What colour?" --methods full,random,fastv --ratio 0.25 --out fig.png
+    Examples:
+      tokbench show --image cat.png --question "What colour?" --methods full,random,fastv --ratio 0.25 --out fig.png
+      tokbench show results/full-run results/random-run --doc-id 3 --out doc3.png
     """
+    from tokbench.show import draw
+
+    if runs:
+        if doc_id is None:
+            _fail(ValueError("pass --doc-id ID to draw a document of the saved runs"), 2)
+        from tokbench.show import run_panels
+
+        try:
+            panels = run_panels(runs, doc_id)
+        except (ValueError, OSError, KeyError, RuntimeError) as err:  # no such run/doc, no masks, unreadable data
+            _fail(err, 2)
+        console.print("wrote " + ", ".join(str(p) for p in draw(panels, out)))
+        return
     try:
         from PIL import Image
 
@@ -235,6 +252,8 @@ def show(
         from tokbench.pruner import Budget, get_method_class
         from tokbench.runner import RunConfig
 
+        if image is None or question is None or not methods:
+            raise ValueError("pass --image, --question and --methods (or run dirs and --doc-id)")
         names = [m.strip() for m in methods.split(",") if m.strip()]
         for name in names:
             get_method_class(name)
@@ -245,7 +264,7 @@ def show(
         adapter = load_model(model, load_config().models)
     except (*_usage_errors(), FileNotFoundError, OSError) as err:
         _fail(err, 2)
-    from tokbench.show import draw, run_methods
+    from tokbench.show import run_methods
 
     try:
         panels = run_methods(adapter, picture, question, names, Budget.ratio(0.25) if chosen == Budget.full() else chosen)

@@ -248,6 +248,31 @@ def plot(
         typer.echo(str(path))
 
 
+# --- html -----------------------------------------------------------------------------------------
+def html(
+    runs: RunsArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for index.html, plots/ and thumbs/.")],
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+) -> None:
+    """A static HTML report (opens from disk, no server): sortable tables, figures, per-sample gallery.
+
+    The gallery filters by method, task and correctness and shows kept-token overlays for runs made
+    with --save-masks. Example: tokbench html results/sweep --out report/
+    """
+    from tokbench.cli import _fail, console
+    from tokbench.html_report import build
+
+    try:
+        index, notes = build(runs, out_dir, bootstrap)
+    except _reading_errors() as err:
+        _fail(err, 2)
+    for note in notes[:10]:
+        console.print(f"note: {note}")
+    if len(notes) > 10:
+        console.print(f"note: ... and {len(notes) - 10} more")
+    typer.echo(str(index))
+
+
 def bench(
     model: Annotated[str, typer.Option(help="Model alias, hub id or path.")] = "tiny-qwen2.5-vl",
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Real architecture, random weights.")] = False,
@@ -274,4 +299,5 @@ def register(app: typer.Typer) -> None:
     app.command()(report)
     app.command()(regress)
     app.command()(plot)
+    app.command()(html)
     app.command()(bench)

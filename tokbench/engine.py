@@ -47,6 +47,7 @@ class SampleOutput:
     seq_len_per_layer: list[int]
     kv_len_per_layer: list[int]
     kept_index: dict[str, list[int]] = field(default_factory=dict)
+    token_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) per image fed, with record_kept
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Engine:
                 budgets = [self.method.budget.count(n) for n in n_original]
                 if any(s.stage == Stage.INPUT for s in self.specs):
                     images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
+                grids = [[adapter.token_grid(img) for img in imgs] if self.record_kept else [] for imgs in images]
                 batch = adapter.preprocess(images, questions)
                 _check_context(batch.attention_mask.sum(1).tolist(), max_new_tokens, adapter, doc_ids)
                 vision_layers = tuple(sorted({v for s in self.specs for v in s.vision_layers}))
@@ -140,6 +142,7 @@ class Engine:
                 seq_len_per_layer=[row[i] for row in seq_lens],
                 kv_len_per_layer=[row[i] for row in kv_lens],
                 kept_index=ctx.kept_index[i],
+                token_grids=grids[i],
             )
             for i in range(len(questions))
         ]

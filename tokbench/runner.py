@@ -271,8 +271,10 @@ class _Recorder:
             **efficiency_fields(sample, out, memory, self.shape, self.headline, self.adapter.dtype.itemsize),
             "error": None,
         }
-        if self.config.save_masks:
+        if self.config.save_masks:  # enough to draw the overlay later (tokbench show RUN_DIR, tokbench html)
             row["kept_index"] = sample.kept_index
+            row["token_grids"] = [list(grid) for grid in sample.token_grids]
+            row["image_sizes"] = [list(image.size) for image in doc.images]
         if self.task.judged:  # scored later by tokbench.judge (judge_run)
             row.update(question=doc.meta.get("question", doc.prompt), subset=doc.meta.get("subset"), judge=None)
         return row

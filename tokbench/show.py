@@ -16,15 +16,20 @@ from tokbench.models.base import ModelAdapter
 from tokbench.pruner import Budget, Stage, build_method
 
 
-def model_view(adapter: ModelAdapter, image: Image.Image) -> Image.Image:
-    """``image`` cropped/resized to exactly the region the model's token grid covers."""
-    rows, cols = adapter.token_grid(image)
-    if adapter.family == "llava":
+def grid_view(image: Image.Image, grid: tuple[int, int], family: str) -> Image.Image:
+    """``image`` cropped/resized to exactly the region a (rows, cols) token grid of ``family`` covers."""
+    rows, cols = grid
+    if family == "llava":
         short = min(image.size)
         left, top = (image.width - short) // 2, (image.height - short) // 2
         image = image.crop((left, top, left + short, top + short))
-    cell = 28 if adapter.family != "llava" else 14
+    cell = 28 if family != "llava" else 14
     return image.convert("RGB").resize((cols * cell, rows * cell), Image.BICUBIC)
+
+
+def model_view(adapter: ModelAdapter, image: Image.Image) -> Image.Image:
+    """``image`` as the model's token grid covers it."""
+    return grid_view(image, adapter.token_grid(image), adapter.family)
 
 
 def kept_mask(kept_index: dict[str, list[int]], n_visual: int) -> np.ndarray:
@@ -66,8 +71,59 @@ def run_methods(adapter: ModelAdapter, image: Image.Image, question: str, method
             "view": dim_pruned(model_view(adapter, source), grid, mask),
             "kept": int(mask.sum()),
             "retention": int(mask.sum()) / sample.n_visual,
-            "answer": "".join(ch for ch in sample.text.strip() if ch.isprintable()),
+            "answer": printable(sample.text),
         })
+    return panels
+
+
+def saved_overlay(image: Image.Image, row: dict, family: str) -> tuple[Image.Image, int, int]:
+    """The first image of a ``--save-masks`` row, pruned cells dimmed: (view, kept, tokens in its grid).
+
+    ``row`` carries ``kept_index`` (indices over all the sample's visual tokens, per stage) and
+    ``token_grids`` (the grids the model saw, after any input-stage downsampling).
+    """
+    if not row.get("token_grids"):
+        raise ValueError(f"doc {row.get('doc_id')} of run {row.get('run_id')} has no saved masks; rerun it with --save-masks")
+    grids = [tuple(g) for g in row["token_grids"]]
+    n_first = grids[0][0] * grids[0][1]
+    mask = kept_mask(row.get("kept_index") or {}, sum(r * c for r, c in grids))[:n_first]
+    return dim_pruned(grid_view(image, grids[0], family), grids[0], mask), int(mask.sum()), n_first
+
+
+class DocSource:
+    """The documents of saved runs, read back through each run's task (one load per task and data dir)."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[tuple, object] = {}
+
+    def doc(self, manifest: dict, doc_id: int):
+        from tokbench.tasks import load_task
+
+        config = manifest["config"]
+        key = (config["task"], config.get("data_dir"))
+        if key not in self._tasks:
+            self._tasks[key] = load_task(*key)
+        return self._tasks[key].doc(doc_id)
+
+
+def printable(text: str) -> str:
+    return "".join(ch for ch in str(text).strip() if ch.isprintable())
+
+
+def run_panels(run_dirs: list[Path], doc_id: int) -> list[dict]:
+    """One panel per saved run for document ``doc_id``, from its ``--save-masks`` record."""
+    from tokbench.store import RunStore
+
+    docs, panels = DocSource(), []
+    for run_dir in run_dirs:
+        store = RunStore(Path(run_dir).parent, Path(run_dir).name)
+        manifest = store.manifest()
+        row = next((r for r in store.records() if r["doc_id"] == doc_id), None)
+        if row is None or row.get("error"):
+            raise ValueError(f"{run_dir} has no result for doc {doc_id}" + (f" ({row['error']})" if row else ""))
+        view, kept, _ = saved_overlay(docs.doc(manifest, doc_id).images[0], row, manifest["model"]["family"])
+        panels.append({"method": f"{row['method']} {row['budget']}", "view": view, "kept": kept,
+                       "retention": row["retention"], "answer": printable(row["prediction"])})  # fmt: skip
     return panels
 
 

@@ -35,7 +35,7 @@ SAMPLE_FIELDS: tuple[str, ...] = (
 )  # fmt: skip
 # Optional keys a record may carry beyond the schema; written only when present.
 OPTIONAL_FIELDS: tuple[str, ...] = (
-    "kept_index",  # --save-masks: kept visual-token indices per stage
+    "kept_index", "token_grids", "image_sizes",  # --save-masks: kept indices per stage, (rows, cols) and (w, h) per image
     "question", "subset", "judge", "judge_reply", "judge_error",  # judged tasks (tokbench.judge)
 )  # fmt: skip
 
