@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the builds pip finds on this project's machines (see README).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+# The canary regression cell grid (docs/canary.md): every method at three budgets, GlimpsePrune also dynamic.
+CANARY_METHODS := random,fastv,pool,downsample,glimpseprune,pyramiddrop,visionzip,divprune,cdpruner,vscan
+CANARY_ARGS := --task vstar-synth --model tiny-qwen2.5-vl --limit 100 --batch-size 8
+CANARY_OUT ?= results/canary
+CANARY_BASELINE := results/baselines/canary-tiny-qwen2.5-vl.json
+
+.PHONY: install demo test bench canary regress canary-baseline clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +23,25 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/tokbench run --method random --ratio 0.25 --task vstar-synth \
-		--model tiny-qwen2.5-vl --limit 40 --batch-size 4
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tokbench run --method glimpseprune --task vstar-synth \
+		--model tiny-qwen2.5-vl --limit 100 --batch-size 8
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install
 	$(PY) bench/overhead.py --quick
+
+canary: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tokbench sweep --methods $(CANARY_METHODS) --ratios 0.1,0.25,0.5 \
+		$(CANARY_ARGS) --output $(CANARY_OUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tokbench run --method glimpseprune $(CANARY_ARGS) --output $(CANARY_OUT)
+
+regress: canary
+	$(VENV)/bin/tokbench regress $(CANARY_OUT) --baseline $(CANARY_BASELINE) --timing off
+
+canary-baseline: canary
+	$(VENV)/bin/tokbench regress $(CANARY_OUT) --write-baseline $(CANARY_BASELINE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -232,14 +232,14 @@ class GlimpseModules(nn.Module):
             self.learnable_embeddings.copy_(torch.randn(self.learnable_embeddings.shape, generator=g) * 0.02)
         return self
 
-    @torch.no_grad()
     def layer_vectors(self) -> torch.Tensor:
         """(max(le_layers) + 1, d): row ``l`` = ``le_norm(le_proj(learnable_embeddings[le_layers.index(l)]))``
-        (official ``_append_le`` for layer 0, ``_try_add_le`` before layer ``l > 0``), zero elsewhere."""
-        effective = self.le_norm(self.le_proj(self.learnable_embeddings[:, 0].float()))  # (len(le_layers), d)
-        out = torch.zeros(max(self.cfg.le_layers) + 1, self.cfg.hidden_size)
-        out[list(self.cfg.le_layers)] = effective
-        return out
+        (official ``_append_le`` for layer 0, ``_try_add_le`` before layer ``l > 0``), zero elsewhere.
+        Differentiable while the modules are in training mode (`tokbench.train.glimpse`)."""
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            effective = self.le_norm(self.le_proj(self.learnable_embeddings[:, 0].float()))  # (len(le_layers), d)
+            out = torch.zeros(max(self.cfg.le_layers) + 1, self.cfg.hidden_size, device=effective.device)
+            return out.index_copy(0, torch.tensor(self.cfg.le_layers, device=effective.device), effective)
 
     def official_state(self) -> dict:
         return {

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from methods.glimpse_vip import VIP, GlimpseConfig, GlimpseModules, init_official
+from tokbench.models.tiny import glimpse_weights_dir
 from tokbench.pruner import (
     Budget,
     GlimpseProbe,
@@ -56,6 +57,9 @@ DEFAULT_WEIGHTS = (  # (pattern in ModelInfo.name, hub ids to try), from the off
     # the README links "_LLaVA"; the hub pages seen are "-LLaVA": try both
     (r"llava-v?1\.5-7b", ("ashun989/GlimpsePrune_LLaVA-1.5-7B", "ashun989/GlimpsePrune-LLaVA-1.5-7B")),
     (r"llava-v?1\.5-13b", ("ashun989/GlimpsePrune_LLaVA-1.5-13B", "ashun989/GlimpsePrune-LLaVA-1.5-13B")),
+    # the trained canaries (tokbench train-glimpse; docs/canary.md), shipped in the package
+    (r"^tiny-qwen2\.5-vl$", (str(glimpse_weights_dir("tiny-qwen2.5-vl")),)),
+    (r"^tiny-llava$", (str(glimpse_weights_dir("tiny-llava")),)),
 )
 OFFICIAL_LAYER = {("qwen2_5_vl", 28): 18, ("qwen2_5_vl", 36): 23, ("llava", 32): 21, ("llava", 40): 26}
 
@@ -82,7 +86,7 @@ def default_config(model: ModelInfo) -> GlimpseConfig:
         visual = tuple(dict.fromkeys(max(1, round(depth - 1 - j * depth / 4)) for j in range(4)))
     return GlimpseConfig(
         hidden_size=model.hidden_size, num_attention_heads=model.n_heads, num_hidden_layers=model.n_layers,
-        vision_hidden_size=1280 if model.family == "qwen2_5_vl" else 1024, reduce_layer=k, selected_layers=(k,),
+        vision_hidden_size=model.vision_hidden_size or (1280 if model.family == "qwen2_5_vl" else 1024), reduce_layer=k, selected_layers=(k,),
         le_layers=tuple(range(model.n_layers)), selected_visual_layers=visual, family=model.family,
         use_attention_logits=model.family == "qwen2_5_vl",
     )
@@ -182,8 +186,11 @@ class GlimpsePrune:
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
         return None if self.is_dynamic() else inputs.budget_count
 
-    def vip_logits(self, spec: StageSpec, inputs: StageInputs) -> torch.Tensor:
-        """(n,) VIP logits from ``extras["probe_logits"]`` (layers, h, n) and the vision states."""
+    def vip_logits(self, spec: StageSpec, inputs: StageInputs, vip: VIP | None = None) -> torch.Tensor:
+        """(n,) VIP logits from ``extras["probe_logits"]`` (layers, h, n) and the vision states.
+
+        ``vip``: the module being trained (differentiable); None: a frozen float32 copy, no gradients.
+        """
         cfg = self._modules.cfg
         attn = inputs.extras["probe_logits"].float()
         if not cfg.use_attention_logits:  # LLaVA: log-softmax over every key, as the official code
@@ -193,6 +200,8 @@ class GlimpsePrune:
         conds = [inputs.vision_hidden[b].float().mean(dim=1) for b in spec.vision_layers]  # (n, d_v) each
         rc = inputs.token_rc.to(attn.device)
         image_id = (rc == 0).all(dim=1).long().cumsum(0) - 1  # a new image starts at row 0, col 0
+        if vip is not None:
+            return vip(features, conds, rc, image_id)
         with torch.no_grad():
             return self._vip(conds[0].shape[-1], attn.device)(features, conds, rc, image_id)
 

@@ -13,12 +13,12 @@ from tokbench.cli import app
 from tokbench.config import load_config
 from tokbench.models import load_model
 from tokbench.models.tiny import TINY_MODELS, canary_weights, ensure_tiny
-from tokbench.train.canary import CanaryConfig, draw_batch, train
+from tokbench.train.canary import CanaryConfig, curriculum, draw_batch, train
 
 
 def test_a_few_training_steps_make_the_loss_fall():
     adapter = load_model("tiny-qwen2.5-vl-random", load_config().models, dtype="float32", device="cpu")
-    cfg = CanaryConfig(steps=12, batch_size=4, eval_items=4, start_side=96, lr=3e-3)
+    cfg = CanaryConfig(steps=12, batch_size=4, eval_items=4, lr=3e-3)
     result = train(adapter, cfg, log=lambda _: None)
     losses = result["loss"]
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])  # from ~ln(vocab) towards the letters
@@ -26,9 +26,13 @@ def test_a_few_training_steps_make_the_loss_fall():
 
 def test_training_items_follow_the_curriculum():
     rng = np.random.default_rng(0)
-    images, questions, answers = draw_batch(rng, 6, lambda w, h: 80)
+    images, questions, answers = draw_batch(rng, 6, 224, 64)
     assert len(images) == 6 and all(q.endswith("directly.") for q in questions)
-    assert set(answers) <= set("ABCD")
+    assert set(answers) <= set("ABCD") and max(max(im.size) for im in images) == 224
+    cfg = CanaryConfig(steps=100)
+    assert curriculum(0, cfg) == (224, 64) and curriculum(99, cfg) == (448, 32)
+    sizes = [curriculum(step, cfg) for step in range(100)]
+    assert sizes == sorted(sizes, key=lambda s: (s[0], -s[1]))  # images only grow, squares only shrink
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -12,18 +12,24 @@ from tokbench.cli import _fail, out
 
 def train_canary(
     model: Annotated[str, typer.Option(help="tiny-qwen2.5-vl or tiny-llava.")] = "tiny-qwen2.5-vl",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 800,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1200,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Fresh items per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 2e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, stable, cosine decay).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of the data stream and the optimizer.")] = 0,
-    start_side: Annotated[int, typer.Option(help="Curriculum: square side (px on 448) at step 0.")] = 96,
+    start_size: Annotated[int, typer.Option(help="Curriculum: image long side (px) at first; grows to 448.")] = 224,
+    start_side: Annotated[int, typer.Option(help="Curriculum: square side (px) at first; shrinks to 32.")] = 64,
+    init: Annotated[
+        Optional[Path], typer.Option("--init", help="Continue from these weights (safetensors) instead of the random init.")
+    ] = None,
     out_path: Annotated[
         Optional[Path], typer.Option("--out", help="safetensors file (default: the shipped canary asset).")
     ] = None,
 ) -> None:
     """Train a tiny model from scratch on CPU until the held-out vstar-synth accuracy is high.
 
-    Example: tokbench train-canary --model tiny-qwen2.5-vl --steps 800 --seed 0
+    Example (the shipped canary, docs/canary.md):
+      tokbench train-canary --model tiny-qwen2.5-vl --steps 1200 --seed 0 --out stage1.safetensors
+      tokbench train-canary --model tiny-qwen2.5-vl --init stage1.safetensors --steps 600 --start-size 448 --start-side 32 --lr 5e-4 --seed 1
     """
     import torch
 
@@ -36,11 +42,59 @@ def train_canary(
         _fail(ValueError(f"train-canary trains {' or '.join(TINY_MODELS)}, not {model!r}"), 2)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     adapter = load_model(f"{model}-random", load_config().models, dtype="float32", device="cpu")
-    cfg = CanaryConfig(model=model, steps=steps, batch_size=batch_size, lr=lr, seed=seed, start_side=start_side)
+    if init is not None:
+        from safetensors.torch import load_model as load_weights
+
+        load_weights(adapter.model, str(init))
+    cfg = CanaryConfig(model=model, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                       start_size=start_size, start_side=start_side)  # fmt: skip
     result = train(adapter, cfg, log=out.print)
     path = save_weights(adapter, out_path or ASSETS / f"{model}.safetensors")
     out.print(f"held-out accuracy {result['accuracy']:.3f} after {steps} steps ({result['seconds']:.0f} s); wrote {path}")
 
 
+def train_glimpse(
+    model: Annotated[str, typer.Option(help="Model alias, hub id or local path (its weights stay frozen).")] = "tiny-qwen2.5-vl",
+    data: Annotated[str, typer.Option(help="vstar-synth (generated, with boxes) or a Visual-CoT training .jsonl.")] = "vstar-synth",
+    image_dir: Annotated[Optional[Path], typer.Option("--image-dir", help="Images of a .jsonl (DIR/cot/<dataset>/<image>).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (official: 2500 = 20K samples / 8).")] = 2500,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step (official: 1 x 8 accumulation).")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (official 1e-4; cosine, 10% warm-up).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the init, the data order and the optimizer.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto | float32 | bfloat16 | float16.")] = "auto",
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Directory for config.json + new_modules_gp.pt (default: shipped asset for tiny models).")
+    ] = None,
+) -> None:
+    """Train GlimpsePrune's glimpse token + VIP on a frozen model (Dice + 0.1 BCE on the boxes' token mask).
+
+    Writes the official checkpoint layout, loaded by --method glimpseprune --method-arg weights=DIR.
+    Example: tokbench train-glimpse --model tiny-qwen2.5-vl --steps 300 --lr 1e-3
+    """
+    import torch
+
+    from tokbench.config import load_config
+    from tokbench.models import load_model
+    from tokbench.models.tiny import TINY_MODELS, glimpse_weights_dir
+    from tokbench.train.glimpse import GlimpseTrainConfig, GlimpseTrainer
+
+    if out_dir is None and model not in TINY_MODELS:
+        _fail(ValueError("pass --out DIR for the trained glimpse weights"), 2)
+    cfg = GlimpseTrainConfig(data=data, image_dir=str(image_dir) if image_dir else None, steps=steps,
+                             batch_size=batch_size, lr=lr, seed=seed)  # fmt: skip
+    try:
+        adapter = load_model(model, load_config().models, dtype=dtype)
+        if adapter.device.type == "cpu":
+            torch.set_num_threads(min(torch.get_num_threads(), 2))
+        trainer = GlimpseTrainer(adapter, cfg)
+        result = trainer.train(log=out.print)
+    except ValueError as err:
+        _fail(err, 2)
+    path = trainer.save(out_dir or glimpse_weights_dir(model))
+    out.print(f"held-out: kept {result['kept']:.3f} of tokens, box recall {result['recall']:.2f}, "
+              f"loss {result['loss']:.3f} ({result['seconds']:.0f} s); wrote {path}")  # fmt: skip
+
+
 def register(app: typer.Typer) -> None:
     app.command("train-canary")(train_canary)
+    app.command("train-glimpse")(train_glimpse)

@@ -104,19 +104,7 @@ class Engine:
         timer = StageTimer(adapter.device)
         with timer.span("ttft"):
             with timer.span("vision"):
-                n_original = [sum(adapter.n_visual_tokens(img) for img in imgs) for imgs in images]
-                budgets = [self.method.budget.count(n) for n in n_original]
-                if any(s.stage == Stage.INPUT for s in self.specs):
-                    images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
-                grids = [[adapter.token_grid(img) for img in imgs] if self.record_kept else [] for imgs in images]
-                batch = adapter.preprocess(images, questions)
-                _check_context(batch.attention_mask.sum(1).tolist(), max_new_tokens, adapter, doc_ids)
-                vision_layers = tuple(sorted({v for s in self.specs for v in s.vision_layers}))
-                attention_layers = tuple(sorted({v for s in self.specs for v in s.vision_attention}))
-                visual = adapter.encode_images(batch, vision_layers, attention_layers)
-                per_sample = _group(visual, [len(imgs) for imgs in images])
-                seq = self._initial_sequence(batch, visual)
-            ctx = _Context(self, per_sample, n_original, budgets, doc_ids, questions, timer)
+                seq, ctx = self._start(images, questions, doc_ids, max_new_tokens, timer)
             for spec in self.specs:
                 if spec.stage in (Stage.VISION, Stage.EMBED):
                     keep = ctx.decide(spec, seq, attention=None)
@@ -136,17 +124,46 @@ class Engine:
             SampleOutput(
                 tokens=tokens[i],
                 text=texts[i],
-                n_visual=n_original[i],
+                n_visual=ctx.n_original[i],
                 n_kept_input=n_kept_input[i],
                 kept_per_layer=[row[i] for row in kept_per_layer],
                 seq_len_per_layer=[row[i] for row in seq_lens],
                 kv_len_per_layer=[row[i] for row in kv_lens],
                 kept_index=ctx.kept_index[i],
-                token_grids=grids[i],
+                token_grids=ctx.token_grids[i],
             )
             for i in range(len(questions))
         ]
         return BatchOutput(samples, first_logits, timings, max(len(t) for t in tokens), cache.nbytes())
+
+    def glimpse_inputs(self, images: list[list[Image.Image]], questions: list[str]) -> list[StageInputs]:
+        """Each sample's `StageInputs` at the glimpse stage, from a prefill that stops there.
+
+        For training the glimpse token and the VIP (`tokbench.train.glimpse`): the vision tower runs
+        without gradients; the LLM layers up to the glimpse layer run in the caller's grad mode, so
+        gradients reach ``self.probe``'s tensors through the probe logits.
+        """
+        timer = StageTimer(self.adapter.device)
+        with torch.no_grad():
+            seq, ctx = self._start(images, questions, list(range(len(images))), 1, timer)
+        return self._prefill(seq, ctx, stop_at_glimpse=True)
+
+    def _start(self, images, questions, doc_ids, max_new_tokens, timer) -> tuple[Sequence, _Context]:
+        """Input-stage resize, processor, context check, vision tower: the initial sequence and context."""
+        adapter = self.adapter
+        n_original = [sum(adapter.n_visual_tokens(img) for img in imgs) for imgs in images]
+        budgets = [self.method.budget.count(n) for n in n_original]
+        if any(s.stage == Stage.INPUT for s in self.specs):
+            images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
+        batch = adapter.preprocess(images, questions)
+        _check_context(batch.attention_mask.sum(1).tolist(), max_new_tokens, adapter, doc_ids)
+        vision_layers = tuple(sorted({v for s in self.specs for v in s.vision_layers}))
+        attention_layers = tuple(sorted({v for s in self.specs for v in s.vision_attention}))
+        visual = adapter.encode_images(batch, vision_layers, attention_layers)
+        ctx = _Context(self, _group(visual, [len(imgs) for imgs in images]), n_original, budgets, doc_ids, questions, timer)
+        if self.record_kept:
+            ctx.token_grids = [[adapter.token_grid(img) for img in imgs] for imgs in images]
+        return self._initial_sequence(batch, visual), ctx
 
     # --- prefill ----------------------------------------------------------------------------------
     def _initial_sequence(self, batch, visual: list[VisualTokens]) -> Sequence:
@@ -174,7 +191,7 @@ class Engine:
         seq.visual_index = torch.cat([seq.visual_index, torch.full_like(ones, -1, dtype=torch.long)], dim=1)
         seq.probe = torch.cat([torch.zeros_like(seq.probe), ones], dim=1)
 
-    def _prefill(self, seq: Sequence, ctx: _Context):
+    def _prefill(self, seq: Sequence, ctx: _Context, stop_at_glimpse: bool = False):
         adapter = self.adapter
         stage_at = {s.layer: s for s in self.specs if s.stage in (Stage.LLM, Stage.GLIMPSE)}
         glimpse = next((s for s in self.specs if s.stage == Stage.GLIMPSE), None)
@@ -209,6 +226,8 @@ class Engine:
                 row = attention_row(nxt, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
             if spec.stage == Stage.GLIMPSE:
                 row = (torch.stack(probe_logits, dim=1), None)  # (b, layers, h, L)
+                if stop_at_glimpse:
+                    return [ctx.inputs(spec, seq, i, seq.is_visual[i].nonzero()[:, 0], row) for i in range(len(ctx.doc_ids))]
             with ctx.timer.span("select_in_prefill"):
                 keep = ctx.decide(spec, seq, attention=row)
                 gather, valid = seq.compact(keep & ~seq.probe, self.reindex)
@@ -282,6 +301,7 @@ class _Context:
         self.timer = timer
         self.kept_index: list[dict[str, list[int]]] = [{} for _ in doc_ids]
         self.rc = [_token_rc(v) for v in visual]
+        self.token_grids: list[list[tuple[int, int]]] = [[] for _ in doc_ids]  # with record_kept
 
     def decide(self, spec: StageSpec, seq: Sequence, attention) -> torch.Tensor:
         """(b, L) keep mask for ``spec``: text and padding always kept, visual tokens per the method."""
@@ -289,7 +309,7 @@ class _Context:
         with self.timer.span("select"):
             for i in range(seq.hidden.shape[0]):
                 positions = seq.is_visual[i].nonzero()[:, 0]
-                inputs = self._inputs(spec, seq, i, positions, attention)
+                inputs = self.inputs(spec, seq, i, positions, attention)
                 count = self.engine.method.stage_count(spec, inputs)
                 decision = self.engine.method.select(spec, inputs)
                 index = _validate(decision, inputs, count, spec, self.doc_ids[i], self.engine.method.name)
@@ -305,7 +325,7 @@ class _Context:
                     self.kept_index[i][str(spec)] = original.tolist()
         return keep
 
-    def _inputs(self, spec: StageSpec, seq: Sequence, i: int, positions, attention) -> StageInputs:
+    def inputs(self, spec: StageSpec, seq: Sequence, i: int, positions, attention) -> StageInputs:
         original = seq.visual_index[i, positions]
         visual = self.visual[i]
         inputs = StageInputs(

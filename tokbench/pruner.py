@@ -86,7 +86,8 @@ class ModelInfo:
     family: "qwen2_5_vl" | "llava"; name: alias, hub id or path as given; n_layers, hidden_size,
     n_heads: the LLM decoder's; vision_depth: vision-tower blocks; vision_feature_layer: the block whose
     output feeds the projector (-2 for LLaVA-1.5, -1 for Qwen2.5-VL); vision_full_attention: blocks
-    with full (not windowed) attention; patches_per_token: ``u`` (4 for Qwen2.5-VL, 1 for LLaVA).
+    with full (not windowed) attention; patches_per_token: ``u`` (4 for Qwen2.5-VL, 1 for LLaVA);
+    vision_hidden_size: the tower's width ``d_v`` (None where unknown).
     """
 
     family: str
@@ -98,6 +99,7 @@ class ModelInfo:
     vision_feature_layer: int
     vision_full_attention: tuple[int, ...]
     patches_per_token: int
+    vision_hidden_size: int | None = None
 
 
 class BudgetError(ValueError):

@@ -47,6 +47,7 @@ class LlavaAdapter(ModelAdapter):
             vision_feature_layer=cfg.vision_feature_layer,
             vision_full_attention=tuple(range(depth)),
             patches_per_token=1,
+            vision_hidden_size=cfg.vision_config.hidden_size,
         )
 
     def project_vision(self, states: torch.Tensor) -> torch.Tensor:

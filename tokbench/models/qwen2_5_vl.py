@@ -47,6 +47,7 @@ class Qwen25VLAdapter(ModelAdapter):
             vision_feature_layer=-1,
             vision_full_attention=tuple(self.vision_tower.fullatt_block_indexes),
             patches_per_token=self.vision_tower.spatial_merge_size**2,
+            vision_hidden_size=self.model.config.vision_config.hidden_size,
         )
 
     def project_vision(self, states: torch.Tensor) -> torch.Tensor:

@@ -243,6 +243,11 @@ def canary_weights(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def glimpse_weights_dir(name: str) -> Path:
+    """Where the canary's trained GlimpsePrune modules ship (``tokbench train-glimpse``; official layout)."""
+    return ASSETS / f"glimpseprune-{name}"
+
+
 def ensure_tiny(name: str, seed: int = 0) -> Path:
     """Build tiny model ``name`` into the cache once and return its checkpoint directory.
 

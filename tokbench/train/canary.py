@@ -5,11 +5,14 @@ tokens answers at chance, so a method that keeps the wrong tokens visibly loses 
 
 Recipe (measured on a 2-core CPU, see docs/canary.md): the tiny architecture of ``tokbench.models.tiny``
 from its seeded random init; batches of freshly drawn vstar-synth items (both categories, the evaluation
-set's category mix and image sizes, seeds disjoint from it); the exact evaluation prompt (lmms-eval's
-vstar_bench ``doc_to_text`` with the task's post-prompt, the adapter's chat template); loss on the answer
-letter and the end-of-turn token only; AdamW with a one-cycle schedule; a curriculum that shrinks the
-squares from ``start_side`` to the task's size over the first 70% of steps (REFERENCES: a small square
-from the start never leaves chance level).
+set's category mix, seeds disjoint from it); the exact evaluation prompt (lmms-eval's vstar_bench
+``doc_to_text`` with the task's post-prompt, the adapter's chat template); loss on the answer letter and
+the end-of-turn token only; AdamW with warm-up, a stable phase and a cosine decay over the last 20%.
+A curriculum makes the search learnable: a 32 px square among 256 tokens gives a randomly initialised
+model almost no gradient (it stays at chance for hundreds of steps), while 64 px squares on 224 px
+images (64 tokens) are learned in about 200 steps. Images grow from ``start_size`` to the task's 448 px
+and squares shrink from ``start_side`` to the task's 32 px between ``warm`` and ``settle`` (fractions
+of the steps); the last steps use the evaluation distribution itself.
 """
 
 from __future__ import annotations
@@ -25,48 +28,54 @@ import torch
 from tokbench.synth.vstar import LETTERS, RELATIVE_SHARE, _image_sizes, _square_side, draw_item
 
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+FINAL_SIZE = 448  # vstar-synth's image size
 
 
 @dataclass
 class CanaryConfig:
     model: str = "tiny-qwen2.5-vl"
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     seed: int = 0
-    start_side: int = 96  # px on a 448 image; shrinks to the task's 32 px
-    curriculum: float = 0.7  # fraction of steps spent shrinking
+    start_size: int = 224  # px, the images' long side at first; grows to the task's 448
+    start_side: int = 64  # px, the squares at first; shrink to the task's 32 (at 448)
+    warm: float = 0.25  # fraction of steps at the start size and side
+    settle: float = 0.8  # fraction of steps after which items follow the evaluation distribution
     eval_items: int = 64
 
 
-def _question(row: dict) -> str:
+def question_text(row: dict) -> str:
+    """The evaluation prompt's question: lmms-eval's vstar_bench ``doc_to_text`` with the task's post-prompt."""
     from lmms_eval.tasks.vstar_bench.utils import vstar_doc_to_text
 
     return vstar_doc_to_text(row, {"pre_prompt": "", "post_prompt": POST_PROMPT})
 
 
-def _side(step: int, cfg: CanaryConfig, width: int, height: int) -> int:
-    """Square side for ``step``: linear from ``start_side`` (scaled to the image) down to the task's."""
-    final = _square_side(width, height)
-    start = max(final, round(cfg.start_side * max(width, height) / 448))
-    progress = min(1.0, step / max(1, cfg.curriculum * cfg.steps))
-    return round(start + (final - start) * progress)
+def curriculum(step: int, cfg: CanaryConfig) -> tuple[int, int]:
+    """(image size, square side) in px for ``step``: start values until ``warm``, linear to the task's
+    (448, 32) at ``settle``, then the task's."""
+    progress = min(1.0, max(0.0, (step / cfg.steps - cfg.warm) / (cfg.settle - cfg.warm)))
+    size = round((cfg.start_size + (FINAL_SIZE - cfg.start_size) * progress) / 28) * 28
+    side = round(cfg.start_side + (_square_side(FINAL_SIZE, FINAL_SIZE) - cfg.start_side) * progress)
+    return size, side
 
 
-def draw_batch(rng: np.random.Generator, n: int, side_at: Callable[[int, int], int]) -> tuple[list, list[str], list[str]]:
-    """``n`` fresh items: (images, questions, answer letters); ``side_at(width, height)`` sets the squares."""
-    sizes = _image_sizes((448, 448))
+def draw_batch(rng: np.random.Generator, n: int, size: int = FINAL_SIZE, side: int | None = None) -> tuple[list, list[str], list[str]]:
+    """``n`` fresh items: (images, questions, answer letters) at vstar-synth's sizes for a ``size`` px
+    long side, squares of ``side`` px (default: the task's for the image)."""
+    sizes = _image_sizes((size, size))
     images, questions, answers = [], [], []
     for _ in range(n):
         width, height = sizes[int(rng.integers(len(sizes)))]
         relative = rng.random() < RELATIVE_SHARE
-        side = side_at(width, height)
+        square = side or _square_side(width, height)
         if relative:  # two squares 3 sides apart must fit along either axis
-            side = min(side, (min(width, height) - 16) // 4)
+            square = min(square, (min(width, height) - 16) // 4)
         answer = int(rng.integers(2 if relative else 4))
-        row, image = draw_item(rng, "relative_position" if relative else "direct_attributes", answer, width, height, side)
+        row, image = draw_item(rng, "relative_position" if relative else "direct_attributes", answer, width, height, square)
         images.append(image)
-        questions.append(_question(row))
+        questions.append(question_text(row))
         answers.append(LETTERS[answer])
     return images, questions, answers
 
@@ -100,17 +109,20 @@ def answer_accuracy(adapter, images: list, questions: list[str], answers: list[s
 
 def train(adapter, cfg: CanaryConfig, log: Callable[[str], None] = print) -> dict:
     """Train ``adapter.model`` in place; returns {"loss": [...], "accuracy": held-out, "seconds": ...}."""
+    from transformers import get_wsd_schedule
+
     torch.manual_seed(cfg.seed)
     model = adapter.model
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    decay = round((1 - cfg.settle) * cfg.steps)
+    schedule = get_wsd_schedule(optimizer, min(50, cfg.steps // 10), decay, num_training_steps=cfg.steps)
     rng = np.random.default_rng([cfg.seed, 1])  # the evaluation set uses seed 0 alone: disjoint streams
-    held_out = draw_batch(np.random.default_rng([cfg.seed, 2]), cfg.eval_items, _square_side)
+    held_out = draw_batch(np.random.default_rng([cfg.seed, 2]), cfg.eval_items)
     losses, start = [], time.time()
     for step in range(cfg.steps):
-        images, questions, answers = draw_batch(rng, cfg.batch_size, lambda w, h: _side(step, cfg, w, h))
-        inputs, labels = _inputs(adapter, images, questions, answers)
+        size, side = curriculum(step, cfg)
+        inputs, labels = _inputs(adapter, *draw_batch(rng, cfg.batch_size, size, side))
         loss = model(**inputs, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -122,9 +134,8 @@ def train(adapter, cfg: CanaryConfig, log: Callable[[str], None] = print) -> dic
             model.eval()
             accuracy = answer_accuracy(adapter, *held_out)
             model.train()
-            recent = float(np.mean(losses[-50:]))
-            log(f"step {step + 1}/{cfg.steps}  loss {recent:.3f}  held-out acc {accuracy:.2f}  "
-                f"side {_side(step, cfg, 448, 448)}px  {time.time() - start:.0f}s")  # fmt: skip
+            log(f"step {step + 1}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}  held-out acc {accuracy:.2f}  "
+                f"images {size}px squares {side}px  {time.time() - start:.0f}s")  # fmt: skip
     model.eval()
     return {"loss": losses, "accuracy": answer_accuracy(adapter, *held_out), "seconds": time.time() - start}
 
