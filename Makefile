@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 # The canary regression cell grid (docs/canary.md): every method at three budgets, GlimpsePrune also dynamic.
 CANARY_METHODS := random,fastv,pool,downsample,glimpseprune,pyramiddrop,visionzip,divprune,cdpruner,vscan
-CANARY_ARGS := --task vstar-synth --model tiny-qwen2.5-vl --limit 100 --batch-size 8
+CANARY_ARGS := --task vstar-synth --model tiny-qwen2.5-vl --limit 60 --batch-size 10
 CANARY_OUT ?= results/canary
 CANARY_BASELINE := results/baselines/canary-tiny-qwen2.5-vl.json
 
@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tokbench run --method glimpseprune --task vstar-synth \
-		--model tiny-qwen2.5-vl --limit 100 --batch-size 8
+		--model tiny-qwen2.5-vl --limit 100 --batch-size 10
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

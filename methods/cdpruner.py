@@ -75,14 +75,17 @@ def dpp_greedy_order(kernel: torch.Tensor, k: int) -> torch.Tensor:
     factors = torch.zeros(k, n, dtype=kernel.dtype, device=kernel.device)  # rows of the Cholesky factor C
     gains = kernel.diagonal().clone()  # (n,) d_j²
     order = torch.zeros(k, dtype=torch.long, device=kernel.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=kernel.device)
     for step in range(k):
-        pick = torch.nan_to_num(gains, nan=-1e300).argmax().view(1)
+        ranked = torch.nan_to_num(gains, nan=-1e300, posinf=1e300, neginf=-1e300)
+        pick = ranked.masked_fill(taken, float("-inf")).argmax().view(1)  # never a token twice
         order[step] = pick[0]
+        taken[pick] = True
         done = factors[:step]  # (step, n)
         row = kernel.index_select(0, pick)[0] - done.T @ done.index_select(1, pick)[:, 0]
-        e = row / gains.index_select(0, pick).clamp_min(1e-12).sqrt()
+        e = torch.nan_to_num(row / gains.index_select(0, pick).clamp_min(1e-12).sqrt())
         factors[step] = e
-        gains = (gains - e * e).index_fill_(0, pick, float("-inf"))
+        gains = gains - e * e
     return order
 
 

@@ -44,11 +44,12 @@ def test_greedy_map_agrees_with_brute_force_determinants(seed):
             assert _det(kernel, dpp_greedy_map(kernel, k).tolist()) >= 0.5 * best
 
 
-def test_rank_deficient_kernel_still_gives_k_unique_tokens():
-    features = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
-    kernel = features @ features.T  # rank 2 < k
-    kept = dpp_greedy_map(kernel, 6).tolist()
-    assert len(kept) == 6 and kept == sorted(set(kept))
+@pytest.mark.parametrize("n, rank, k", [(10, 2, 6), (256, 3, 128)])
+def test_rank_deficient_kernel_still_gives_k_unique_tokens(n, rank, k):
+    features = torch.randn(n, rank, generator=torch.Generator().manual_seed(0))
+    kernel = features @ features.T  # rank < k: the later gains underflow, then blow up without care
+    kept = dpp_greedy_map(kernel, k).tolist()
+    assert len(kept) == k and kept == sorted(set(kept))
 
 
 def test_irrelevant_duplicates_lose():
