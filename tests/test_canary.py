@@ -49,7 +49,7 @@ def test_shipped_canary_loads_instead_of_the_random_init(name):
 
 
 def _accuracy(tmp_path, *args) -> float:
-    result = CliRunner().invoke(app, ["run", "--task", "vstar-synth", "--limit", "40", "--batch-size", "8",
+    result = CliRunner().invoke(app, ["run", "--task", "vstar-synth", "--limit", "60", "--batch-size", "10",
                                       "--output", str(tmp_path), *args])  # fmt: skip
     assert result.exit_code == 0, result.output
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -63,3 +63,5 @@ def test_canary_answers_with_full_tokens_and_fails_when_pruned_at_random(tmp_pat
     pruned = _accuracy(tmp_path / "random", "--method", "random", "--ratio", "0.1", "--model", "tiny-qwen2.5-vl")
     # colour questions all right, relative-position ones at chance (docs/canary.md): ~0.8 in all
     assert full >= 0.7 and pruned <= full - 0.2
+    glimpse = _accuracy(tmp_path / "glimpse", "--method", "glimpseprune", "--model", "tiny-qwen2.5-vl")  # shipped VIP
+    assert glimpse >= 0.95 * full
