@@ -57,9 +57,8 @@ DEFAULT_WEIGHTS = (  # (pattern in ModelInfo.name, hub ids to try), from the off
     # the README links "_LLaVA"; the hub pages seen are "-LLaVA": try both
     (r"llava-v?1\.5-7b", ("ashun989/GlimpsePrune_LLaVA-1.5-7B", "ashun989/GlimpsePrune-LLaVA-1.5-7B")),
     (r"llava-v?1\.5-13b", ("ashun989/GlimpsePrune_LLaVA-1.5-13B", "ashun989/GlimpsePrune-LLaVA-1.5-13B")),
-    # the trained canaries (tokbench train-glimpse; docs/canary.md), shipped in the package
+    # the trained Qwen canary (tokbench train-glimpse; docs/canary.md), shipped in the package
     (r"^tiny-qwen2\.5-vl$", (str(glimpse_weights_dir("tiny-qwen2.5-vl")),)),
-    (r"^tiny-llava$", (str(glimpse_weights_dir("tiny-llava")),)),
 )
 OFFICIAL_LAYER = {("qwen2_5_vl", 28): 18, ("qwen2_5_vl", 36): 23, ("llava", 32): 21, ("llava", 40): 26}
 
