@@ -27,9 +27,9 @@ def train_canary(
 ) -> None:
     """Train a tiny model from scratch on CPU until the held-out vstar-synth accuracy is high.
 
-    Example (the shipped canary, docs/canary.md):
-      tokbench train-canary --model tiny-qwen2.5-vl --steps 1200 --seed 0 --out stage1.safetensors
-      tokbench train-canary --model tiny-qwen2.5-vl --init stage1.safetensors --steps 600 --start-size 448 --start-side 32 --lr 5e-4 --seed 1
+    Examples:
+      tokbench train-canary --model tiny-qwen2.5-vl --steps 1200 --seed 0   # the shipped canary (docs/canary.md)
+      tokbench train-canary --init canary.safetensors --start-size 448 --start-side 32 --lr 5e-4 --out more.safetensors
     """
     import torch
 
@@ -69,7 +69,7 @@ def train_glimpse(
     """Train GlimpsePrune's glimpse token + VIP on a frozen model (Dice + 0.1 BCE on the boxes' token mask).
 
     Writes the official checkpoint layout, loaded by --method glimpseprune --method-arg weights=DIR.
-    Example: tokbench train-glimpse --model tiny-qwen2.5-vl --steps 300 --lr 1e-3
+    Example (the shipped canary VIP): tokbench train-glimpse --model tiny-qwen2.5-vl --steps 300 --batch-size 8 --lr 3e-4
     """
     import torch
 

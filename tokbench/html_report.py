@@ -75,7 +75,7 @@ def correctness(row: pd.Series) -> str:
 
 def _thumbnails(samples: pd.DataFrame, out_dir: Path) -> tuple[dict[int, str], dict[int, str], list[str]]:
     """Write one thumbnail per sample row; returns ({row: file}, {row: question}, notes on what failed)."""
-    from tokbench.show import DocSource, grid_view, saved_overlay
+    from tokbench.show import DocSource, saved_overlay
     from tokbench.store import RunStore
 
     docs, manifests = DocSource(), {}

@@ -70,11 +70,8 @@ def generate_vstar_synth(
     for i, category in enumerate(categories):
         item_rng = np.random.default_rng([seed, i])
         width, height = sizes[int(item_rng.integers(len(sizes)))]
-        if category == "direct_attributes":
-            row, squares = _direct_item(item_rng, width, height, int(direct_answers.pop()))
-        else:
-            row, squares = _relative_item(item_rng, width, height, int(relative_answers.pop()))
-        image = _draw(item_rng, width, height, squares)
+        answers = direct_answers if category == "direct_attributes" else relative_answers
+        row, image = draw_item(item_rng, category, int(answers.pop()), width, height)
         png = _png_bytes(image)
         rel_path = f"images/{i:06d}.png"
         (out_dir / rel_path).write_bytes(png)

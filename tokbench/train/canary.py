@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from tokbench.synth.vstar import LETTERS, RELATIVE_SHARE, _image_sizes, _square_side, draw_item
 
@@ -61,23 +62,22 @@ def curriculum(step: int, cfg: CanaryConfig) -> tuple[int, int]:
     return size, side
 
 
+def random_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | None = None) -> tuple[dict, Image.Image]:
+    """One fresh vstar-synth item (row, image): the task's category mix and sizes for a ``size`` px long
+    side, squares of ``side`` px (default: the task's for the image)."""
+    width, height = (sizes := _image_sizes((size, size)))[int(rng.integers(len(sizes)))]
+    relative = rng.random() < RELATIVE_SHARE
+    square = side or _square_side(width, height)
+    if relative:  # two squares 3 sides apart must fit along either axis
+        square = min(square, (min(width, height) - 16) // 4)
+    answer = int(rng.integers(2 if relative else len(LETTERS)))
+    return draw_item(rng, "relative_position" if relative else "direct_attributes", answer, width, height, square)
+
+
 def draw_batch(rng: np.random.Generator, n: int, size: int = FINAL_SIZE, side: int | None = None) -> tuple[list, list[str], list[str]]:
-    """``n`` fresh items: (images, questions, answer letters) at vstar-synth's sizes for a ``size`` px
-    long side, squares of ``side`` px (default: the task's for the image)."""
-    sizes = _image_sizes((size, size))
-    images, questions, answers = [], [], []
-    for _ in range(n):
-        width, height = sizes[int(rng.integers(len(sizes)))]
-        relative = rng.random() < RELATIVE_SHARE
-        square = side or _square_side(width, height)
-        if relative:  # two squares 3 sides apart must fit along either axis
-            square = min(square, (min(width, height) - 16) // 4)
-        answer = int(rng.integers(2 if relative else 4))
-        row, image = draw_item(rng, "relative_position" if relative else "direct_attributes", answer, width, height, square)
-        images.append(image)
-        questions.append(question_text(row))
-        answers.append(LETTERS[answer])
-    return images, questions, answers
+    """``n`` fresh items (`random_item`): (images, questions, answer letters)."""
+    items = [random_item(rng, size, side) for _ in range(n)]
+    return [image for _, image in items], [question_text(row) for row, _ in items], [row["label"] for row, _ in items]
 
 
 def _inputs(adapter, images: list, questions: list[str], answers: list[str] | None):

@@ -87,17 +87,11 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float, bc
 
 def synth_examples(seed: int) -> Iterator[Example]:
     """Endless fresh vstar-synth items (the evaluation set's sizes and mix) with the boxes asked about."""
-    from tokbench.synth.vstar import LETTERS, RELATIVE_SHARE, _image_sizes, _square_side, draw_item
-    from tokbench.train.canary import question_text
+    from tokbench.train.canary import question_text, random_item
 
     rng = np.random.default_rng([seed, 3])  # disjoint from the evaluation set (seed 0) and the canary's
-    sizes = _image_sizes((448, 448))
     while True:
-        width, height = sizes[int(rng.integers(len(sizes)))]
-        relative = rng.random() < RELATIVE_SHARE
-        answer = int(rng.integers(2 if relative else len(LETTERS)))
-        category = "relative_position" if relative else "direct_attributes"
-        row, image = draw_item(rng, category, answer, width, height, _square_side(width, height))
+        row, image = random_item(rng)
         yield Example(image, question_text(row), row["bboxes"])
 
 
