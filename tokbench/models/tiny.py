@@ -150,7 +150,10 @@ def build_tiny_qwen(path: Path, seed: int = 0, weights: Path | None = None) -> P
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            # head_dim 16 leaves 8 rotary frequencies, and M-RoPE gives the width section the 3 lowest: at
+            # theta 1e4 they turn < 0.05 rad across 16 columns, so left/right is invisible to attention;
+            # at 100 they turn 0.3-0.9 rad and the canary learns relative positions (docs/canary.md)
+            rope_parameters={"rope_type": "default", "rope_theta": 100.0, "mrope_section": [2, 3, 3]},
             tie_word_embeddings=False,
             bos_token_id=None,
             eos_token_id=special["eos_token_id"],
@@ -235,6 +238,7 @@ def _set_generation_ids(model, eos: int, pad: int) -> None:
 
 
 _BUILDERS = {"tiny-qwen2.5-vl": build_tiny_qwen, "tiny-llava": build_tiny_llava}
+BUILD_VERSION = 2  # part of the cache directory's name: bump whenever a builder's config or tokenizer changes
 
 
 def canary_weights(name: str) -> Path | None:
@@ -252,15 +256,15 @@ def ensure_tiny(name: str, seed: int = 0) -> Path:
     """Build tiny model ``name`` into the cache once and return its checkpoint directory.
 
     ``name`` is one of ``TINY_MODELS`` (the trained canary when its weights ship, else random) or
-    ``<name>-random`` (always the seeded random init). The cache directory names the weights' digest,
-    so new shipped weights never reuse an old build.
+    ``<name>-random`` (always the seeded random init). The cache directory names the weights' digest
+    and ``BUILD_VERSION``, so new shipped weights or configs never reuse an old build.
     """
     base = name.removesuffix("-random")
     if base not in _BUILDERS:
         raise KeyError(f"no tiny model {name!r}; known: {', '.join(TINY_MODELS)} (and <name>-random)")
     weights = None if name.endswith("-random") else canary_weights(base)
     tag = "canary-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights else f"seed{seed}"
-    path = cache_root() / "models" / f"{base}-{tag}"
+    path = cache_root() / "models" / f"{base}-{tag}-v{BUILD_VERSION}"
     if not (path / "config.json").exists():
         _BUILDERS[base](path, seed=seed, weights=weights)
     return path

@@ -35,14 +35,16 @@ FINAL_SIZE = 448  # vstar-synth's image size
 @dataclass
 class CanaryConfig:
     model: str = "tiny-qwen2.5-vl"
-    steps: int = 1200
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0
     start_size: int = 224  # px, the images' long side at first; grows to the task's 448
     start_side: int = 64  # px, the squares at first; shrink to the task's 32 (at 448)
-    warm: float = 0.25  # fraction of steps at the start size and side
-    settle: float = 0.8  # fraction of steps after which items follow the evaluation distribution
+    warm: float = 0.65  # fraction of steps at the start size and side
+    settle: float = 0.9  # fraction of steps after which items follow the evaluation distribution
+    where_share: float = 0.35  # auxiliary "which half of the image holds the <colour> square?" items
+    relative_share: float = 0.5  # relative-position share of the other items (the evaluation set: 0.4)
     eval_items: int = 64
 
 
@@ -62,21 +64,67 @@ def curriculum(step: int, cfg: CanaryConfig) -> tuple[int, int]:
     return size, side
 
 
-def random_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | None = None) -> tuple[dict, Image.Image]:
-    """One fresh vstar-synth item (row, image): the task's category mix and sizes for a ``size`` px long
-    side, squares of ``side`` px (default: the task's for the image)."""
+def random_item(
+    rng: np.random.Generator, size: int = FINAL_SIZE, side: int | None = None, relative_share: float = RELATIVE_SHARE
+) -> tuple[dict, Image.Image]:
+    """One fresh vstar-synth item (row, image): the task's category mix (``relative_share``) and sizes for
+    a ``size`` px long side, squares of ``side`` px (default: the task's for the image)."""
     width, height = (sizes := _image_sizes((size, size)))[int(rng.integers(len(sizes)))]
-    relative = rng.random() < RELATIVE_SHARE
+    relative = rng.random() < relative_share
     square = side or _square_side(width, height)
-    if relative:  # two squares 3 sides apart must fit along either axis
-        square = min(square, (min(width, height) - 16) // 4)
+    if relative:
+        square = _relative_side(square, width, height)
     answer = int(rng.integers(2 if relative else len(LETTERS)))
     return draw_item(rng, "relative_position" if relative else "direct_attributes", answer, width, height, square)
 
 
-def draw_batch(rng: np.random.Generator, n: int, size: int = FINAL_SIZE, side: int | None = None) -> tuple[list, list[str], list[str]]:
-    """``n`` fresh items (`random_item`): (images, questions, answer letters)."""
-    items = [random_item(rng, size, side) for _ in range(n)]
+def _relative_side(side: int, width: int, height: int) -> int:
+    """Two squares 3 sides apart must fit along either axis."""
+    return min(side, (min(width, height) - 16) // 4)
+
+
+def where_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | None = None) -> tuple[dict, Image.Image]:
+    """A training-only stepping stone to the relative questions: the two-square layout of a
+    relative-position item, asked "Is the <colour> square on the left or right side of the image?"
+    (or in the upper or lower half) about one of its squares, never one within half a side of the middle.
+
+    It needs one colour word bound to its square and that square's position read out, the two halves of
+    a relative question; measured on the canary, the relative questions stay at chance without it.
+    """
+    width, height = (sizes := _image_sizes((size, size)))[int(rng.integers(len(sizes)))]
+    square = _relative_side(side or _square_side(width, height), width, height)
+    while True:
+        row, image = draw_item(rng, "relative_position", int(rng.integers(2)), width, height, square)
+        horizontal = "left" in row["text"]
+        axis, which = (0 if horizontal else 1), int(rng.integers(2))
+        box, extent = row["bboxes"][which], (width, height)[0 if horizontal else 1]
+        centre = (box[axis] + box[axis + 2]) / 2
+        if abs(centre - extent / 2) > square / 2:
+            break
+    color = row["colors"][which]
+    question, words = (
+        (f"Is the {color} square on the left or right side of the image?", ("left", "right"))
+        if horizontal
+        else (f"Is the {color} square in the upper or lower half of the image?", ("upper", "lower"))
+    )
+    label = LETTERS[0] if centre < extent / 2 else LETTERS[1]
+    return {**row, "text": f"{question}\n(A) {words[0]}\n(B) {words[1]}", "label": label, "category": "where"}, image
+
+
+def training_item(rng: np.random.Generator, cfg: CanaryConfig, size: int, side: int) -> tuple[dict, Image.Image]:
+    """One training item: a `where_item` with probability ``cfg.where_share``, else a vstar-synth item
+    with ``cfg.relative_share`` relative-position questions."""
+    if rng.random() < cfg.where_share:
+        return where_item(rng, size, side)
+    return random_item(rng, size, side, cfg.relative_share)
+
+
+def draw_batch(
+    rng: np.random.Generator, n: int, size: int = FINAL_SIZE, side: int | None = None, cfg: CanaryConfig | None = None
+) -> tuple[list, list[str], list[str]]:
+    """``n`` fresh items: (images, questions, answer letters); with ``cfg``, `training_item`s, else
+    vstar-synth's distribution (`random_item`)."""
+    items = [training_item(rng, cfg, size, side) if cfg else random_item(rng, size, side) for _ in range(n)]
     return [image for _, image in items], [question_text(row) for row, _ in items], [row["label"] for row, _ in items]
 
 
@@ -107,8 +155,23 @@ def answer_accuracy(adapter, images: list, questions: list[str], answers: list[s
     return float(np.mean([p == a for p, a in zip(predicted, answers)]))
 
 
+def held_out_accuracy(adapter, cfg: CanaryConfig, size: int = FINAL_SIZE, side: int | None = None) -> dict[str, float]:
+    """Accuracy per category on ``cfg.eval_items`` vstar-synth items (the task's mix) at ``size``/``side``,
+    drawn from a stream disjoint from the training one; keys ``direct_attributes``, ``relative_position``, ``all``."""
+    rows, images = zip(*(random_item(np.random.default_rng([cfg.seed, 2, i]), size, side) for i in range(cfg.eval_items)))
+    result = {}
+    for category in ("direct_attributes", "relative_position", "all"):
+        pick = [i for i, row in enumerate(rows) if category in (row["category"], "all")]
+        if pick:
+            result[category] = answer_accuracy(
+                adapter, [images[i] for i in pick], [question_text(rows[i]) for i in pick], [rows[i]["label"] for i in pick]
+            )
+    return result
+
+
 def train(adapter, cfg: CanaryConfig, log: Callable[[str], None] = print) -> dict:
-    """Train ``adapter.model`` in place; returns {"loss": [...], "accuracy": held-out, "seconds": ...}."""
+    """Train ``adapter.model`` in place; returns {"loss": [...], "accuracy": held-out per category (task
+    distribution), "seconds": ...}."""
     from transformers import get_wsd_schedule
 
     torch.manual_seed(cfg.seed)
@@ -118,11 +181,10 @@ def train(adapter, cfg: CanaryConfig, log: Callable[[str], None] = print) -> dic
     decay = round((1 - cfg.settle) * cfg.steps)
     schedule = get_wsd_schedule(optimizer, min(50, cfg.steps // 10), decay, num_training_steps=cfg.steps)
     rng = np.random.default_rng([cfg.seed, 1])  # the evaluation set uses seed 0 alone: disjoint streams
-    held_out = draw_batch(np.random.default_rng([cfg.seed, 2]), cfg.eval_items)
     losses, start = [], time.time()
     for step in range(cfg.steps):
         size, side = curriculum(step, cfg)
-        inputs, labels = _inputs(adapter, *draw_batch(rng, cfg.batch_size, size, side))
+        inputs, labels = _inputs(adapter, *draw_batch(rng, cfg.batch_size, size, side, cfg))
         loss = model(**inputs, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -130,14 +192,15 @@ def train(adapter, cfg: CanaryConfig, log: Callable[[str], None] = print) -> dic
         optimizer.step()
         schedule.step()
         losses.append(float(loss))
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+        if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
             model.eval()
-            accuracy = answer_accuracy(adapter, *held_out)
+            accuracy = held_out_accuracy(adapter, cfg, size, side)  # at the current curriculum stage
             model.train()
-            log(f"step {step + 1}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}  held-out acc {accuracy:.2f}  "
+            log(f"step {step + 1}/{cfg.steps}  loss {np.mean(losses[-100:]):.3f}  held-out acc {accuracy['all']:.2f} "
+                f"(direct {accuracy.get('direct_attributes', 0):.2f}, relative {accuracy.get('relative_position', 0):.2f})  "
                 f"images {size}px squares {side}px  {time.time() - start:.0f}s")  # fmt: skip
     model.eval()
-    return {"loss": losses, "accuracy": answer_accuracy(adapter, *held_out), "seconds": time.time() - start}
+    return {"loss": losses, "accuracy": held_out_accuracy(adapter, cfg), "seconds": time.time() - start}
 
 
 def save_weights(adapter, path: Path) -> Path:
