@@ -152,8 +152,8 @@ def build_tiny_qwen(path: Path, seed: int = 0, weights: Path | None = None) -> P
             max_position_embeddings=4096,
             # head_dim 16 leaves 8 rotary frequencies, and M-RoPE gives the width section the 3 lowest: at
             # theta 1e4 they turn < 0.05 rad across 16 columns, so left/right is invisible to attention;
-            # at 100 they turn 0.3-0.9 rad and the canary learns relative positions (docs/canary.md)
-            rope_parameters={"rope_type": "default", "rope_theta": 100.0, "mrope_section": [2, 3, 3]},
+            # at 10 they turn 2-4 rad and the canary learns relative positions (docs/canary.md)
+            rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 3, 3]},
             tie_word_embeddings=False,
             bos_token_id=None,
             eos_token_id=special["eos_token_id"],
@@ -238,7 +238,7 @@ def _set_generation_ids(model, eos: int, pad: int) -> None:
 
 
 _BUILDERS = {"tiny-qwen2.5-vl": build_tiny_qwen, "tiny-llava": build_tiny_llava}
-BUILD_VERSION = 2  # part of the cache directory's name: bump whenever a builder's config or tokenizer changes
+BUILD_VERSION = 3  # part of the cache directory's name: bump whenever a builder's config or tokenizer changes
 
 
 def canary_weights(name: str) -> Path | None:
