@@ -97,7 +97,7 @@ def where_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | Non
         row, image = draw_item(rng, "relative_position", int(rng.integers(2)), width, height, square)
         horizontal = "left" in row["text"]
         axis, which = (0 if horizontal else 1), int(rng.integers(2))
-        box, extent = row["bboxes"][which], (width, height)[0 if horizontal else 1]
+        box, extent = row["bboxes"][which], (width, height)[axis]
         centre = (box[axis] + box[axis + 2]) / 2
         if abs(centre - extent / 2) > square / 2:
             break
@@ -147,25 +147,22 @@ def _inputs(adapter, images: list, questions: list[str], answers: list[str] | No
 
 
 @torch.no_grad()
-def answer_accuracy(adapter, images: list, questions: list[str], answers: list[str]) -> float:
-    """Share of items whose greedy next token after the prompt is the right letter."""
+def answers_correct(adapter, images: list, questions: list[str], answers: list[str]) -> list[bool]:
+    """Per item: is the greedy next token after the prompt the right letter?"""
     inputs, _ = _inputs(adapter, images, questions, None)
     logits = adapter.model(**inputs).logits[:, -1]
     predicted = adapter.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-    return float(np.mean([p == a for p, a in zip(predicted, answers)]))
+    return [p == a for p, a in zip(predicted, answers)]
 
 
 def held_out_accuracy(adapter, cfg: CanaryConfig, size: int = FINAL_SIZE, side: int | None = None) -> dict[str, float]:
     """Accuracy per category on ``cfg.eval_items`` vstar-synth items (the task's mix) at ``size``/``side``,
-    drawn from a stream disjoint from the training one; keys ``direct_attributes``, ``relative_position``, ``all``."""
+    drawn from a stream disjoint from the training one; keys ``all`` and each category present."""
     rows, images = zip(*(random_item(np.random.default_rng([cfg.seed, 2, i]), size, side) for i in range(cfg.eval_items)))
-    result = {}
-    for category in ("direct_attributes", "relative_position", "all"):
-        pick = [i for i, row in enumerate(rows) if category in (row["category"], "all")]
-        if pick:
-            result[category] = answer_accuracy(
-                adapter, [images[i] for i in pick], [question_text(rows[i]) for i in pick], [rows[i]["label"] for i in pick]
-            )
+    correct = answers_correct(adapter, list(images), [question_text(row) for row in rows], [row["label"] for row in rows])
+    result = {"all": float(np.mean(correct))}
+    for category in sorted({row["category"] for row in rows}):
+        result[category] = float(np.mean([c for c, row in zip(correct, rows) if row["category"] == category]))
     return result
 
 
@@ -181,7 +178,7 @@ def train(adapter, cfg: CanaryConfig, log: Callable[[str], None] = print) -> dic
     decay = round((1 - cfg.settle) * cfg.steps)
     schedule = get_wsd_schedule(optimizer, min(50, cfg.steps // 10), decay, num_training_steps=cfg.steps)
     rng = np.random.default_rng([cfg.seed, 1])  # the evaluation set uses seed 0 alone: disjoint streams
-    losses, start = [], time.time()
+    losses, start, nan = [], time.time(), float("nan")
     for step in range(cfg.steps):
         size, side = curriculum(step, cfg)
         inputs, labels = _inputs(adapter, *draw_batch(rng, cfg.batch_size, size, side, cfg))
@@ -197,7 +194,7 @@ def train(adapter, cfg: CanaryConfig, log: Callable[[str], None] = print) -> dic
             accuracy = held_out_accuracy(adapter, cfg, size, side)  # at the current curriculum stage
             model.train()
             log(f"step {step + 1}/{cfg.steps}  loss {np.mean(losses[-100:]):.3f}  held-out acc {accuracy['all']:.2f} "
-                f"(direct {accuracy.get('direct_attributes', 0):.2f}, relative {accuracy.get('relative_position', 0):.2f})  "
+                f"(direct {accuracy.get('direct_attributes', nan):.2f}, relative {accuracy.get('relative_position', nan):.2f})  "
                 f"images {size}px squares {side}px  {time.time() - start:.0f}s")  # fmt: skip
     model.eval()
     return {"loss": losses, "accuracy": held_out_accuracy(adapter, cfg), "seconds": time.time() - start}
