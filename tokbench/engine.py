@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from tokbench.attention import attention_row
-from tokbench.metrics import StageTimer
-from tokbench.models.base import ModelAdapter, VisualTokens
+from tokbench.metrics import LLMShape, StageTimer, attention_row_flops, count_flops
+from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
 from tokbench.pruner import KeepDecision, Pruner, Stage, StageInputs, StageSpec, probe_for
 from tokbench.sequence import LayerKVCache, Sequence, attention_mask
 
@@ -37,7 +37,11 @@ class ContextLengthError(ValueError):
 
 @dataclass
 class SampleOutput:
-    """What one sample produced. Counts are visual tokens; ``seq_len_per_layer`` includes text."""
+    """What one sample produced. Counts are visual tokens; ``seq_len_per_layer`` includes text.
+
+    vision_flops / vision_flops_full: the tower and projector on the images as fed / as given (they
+    differ for input-stage methods); select_flops: the selection work the method caused.
+    """
 
     tokens: list[int]
     text: str
@@ -48,13 +52,16 @@ class SampleOutput:
     kv_len_per_layer: list[int]
     kept_index: dict[str, list[int]] = field(default_factory=dict)
     token_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) per image fed, with record_kept
+    vision_flops: float = 0.0
+    vision_flops_full: float = 0.0
+    select_flops: float = 0.0
 
 
 @dataclass
 class BatchOutput:
     samples: list[SampleOutput]
     first_logits: torch.Tensor  # (b, vocab), float32
-    timings_ms: dict[str, float]  # vision, select, prefill, ttft, decode, e2e
+    timings_ms: dict[str, float]  # batch latencies: preprocess, vision, select, prefill, ttft, ttft_e2e, decode, e2e (+ glimpse)
     n_generated: int
     kv_cache_bytes: int
 
@@ -100,25 +107,36 @@ class Engine:
         doc_ids: list[int],
         max_new_tokens: int = 16,
     ) -> BatchOutput:
+        """Prefill with the method's drops, then greedy decoding; timings per docs/metrics.md.
+
+        Spans: ``preprocess`` (input-stage resize, template, processor, host-to-device), ``ttft`` (vision
+        tower to the first token's logits) made of ``vision`` (tower only), ``select`` (everything the
+        method causes) and ``prefill`` (the rest: LLM layers, embedding, LM head); ``glimpse`` (the
+        glimpse pass, inside prefill + select); ``decode``; ``e2e`` (all of it). tokbench's own FLOP
+        counting runs in ``_count`` spans, which are excluded from every span around them.
+        """
         adapter = self.adapter
         timer = StageTimer(adapter.device)
-        with timer.span("ttft"):
-            with timer.span("vision"):
-                seq, ctx = self._start(images, questions, doc_ids, max_new_tokens, timer)
-            for spec in self.specs:
-                if spec.stage in (Stage.VISION, Stage.EMBED):
-                    keep = ctx.decide(spec, seq, attention=None)
-                    seq.compact(keep, self.reindex)
-            n_kept_input = seq.visual_count().tolist()
-            with timer.span("prefill"):
+        with timer.span("e2e"):
+            with timer.span("preprocess"):
+                batch, ctx = self._start(images, questions, doc_ids, max_new_tokens, timer)
+            with timer.span("ttft"):
+                seq = self._encode(batch, ctx)
+                for spec in self.specs:
+                    if spec.stage in (Stage.VISION, Stage.EMBED):
+                        with timer.span("select"):
+                            keep = ctx.decide(spec, seq, attention=None)
+                            seq.compact(keep, self.reindex)
+                n_kept_input = seq.visual_count().tolist()
                 cache, kept_per_layer, seq_lens = self._prefill(seq, ctx)
                 first_logits = adapter.logits(seq.hidden[:, -1]).float()
             kv_lens = [valid.sum(1).tolist() for valid in cache.valid]
-        with timer.span("decode"):
-            tokens = self._decode(seq, cache, first_logits, max_new_tokens)
-        timings = dict(timer.ms)
-        timings["e2e"] = timings["ttft"] + timings["decode"]
-        timings["prefill"] -= timer.ms.get("select_in_prefill", 0.0)
+            with timer.span("decode"):
+                tokens = self._decode(seq, cache, first_logits, max_new_tokens)
+        timings = timer.finish()
+        timings.setdefault("select", 0.0)
+        timings["prefill"] = timings["ttft"] - timings["vision"] - timings["select"]
+        timings["ttft_e2e"] = timings["preprocess"] + timings["ttft"]
         texts = adapter.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         samples = [
             SampleOutput(
@@ -131,6 +149,9 @@ class Engine:
                 kv_len_per_layer=[row[i] for row in kv_lens],
                 kept_index=ctx.kept_index[i],
                 token_grids=ctx.token_grids[i],
+                vision_flops=sum(adapter.vision_flops(v.grid_hw) for v in ctx.visual[i]),
+                vision_flops_full=sum(adapter.vision_flops(grid) for grid in ctx.original_grids[i]),
+                select_flops=ctx.select_flops[i],
             )
             for i in range(len(questions))
         ]
@@ -145,25 +166,41 @@ class Engine:
         """
         timer = StageTimer(self.adapter.device)
         with torch.no_grad():
-            seq, ctx = self._start(images, questions, list(range(len(images))), 1, timer)
+            batch, ctx = self._start(images, questions, list(range(len(images))), 1, timer, count_flops=False)
+            seq = self._encode(batch, ctx)
         return self._prefill(seq, ctx, stop_at_glimpse=True)
 
-    def _start(self, images, questions, doc_ids, max_new_tokens, timer) -> tuple[Sequence, _Context]:
-        """Input-stage resize, processor, context check, vision tower: the initial sequence and context."""
+    def _start(self, images, questions, doc_ids, max_new_tokens, timer, count_flops=True):
+        """Input-stage resize, template and processor, context check: (PreparedBatch, _Context)."""
         adapter = self.adapter
         n_original = [sum(adapter.n_visual_tokens(img) for img in imgs) for imgs in images]
+        original_grids = [[adapter.token_grid(img) for img in imgs] for imgs in images]
         budgets = [self.method.budget.count(n) for n in n_original]
         if any(s.stage == Stage.INPUT for s in self.specs):
             images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
         batch = adapter.preprocess(images, questions)
         _check_context(batch.attention_mask.sum(1).tolist(), max_new_tokens, adapter, doc_ids)
-        vision_layers = tuple(sorted({v for s in self.specs for v in s.vision_layers}))
-        attention_layers = tuple(sorted({v for s in self.specs for v in s.vision_attention}))
-        visual = adapter.encode_images(batch, vision_layers, attention_layers)
-        ctx = _Context(self, _group(visual, [len(imgs) for imgs in images]), n_original, budgets, doc_ids, questions, timer)
+        ctx = _Context(self, [len(imgs) for imgs in images], n_original, budgets, doc_ids, questions, timer)
+        ctx.original_grids = original_grids
+        ctx.count_flops = count_flops
         if self.record_kept:
             ctx.token_grids = [[adapter.token_grid(img) for img in imgs] for imgs in images]
-        return self._initial_sequence(batch, visual), ctx
+        return batch, ctx
+
+    def _encode(self, batch: PreparedBatch, ctx: _Context) -> Sequence:
+        """Vision tower (timed ``vision``) and its attention statistics (``select``): the initial sequence."""
+        adapter = self.adapter
+        vision_layers = tuple(sorted({v for s in self.specs for v in s.vision_layers}))
+        attention_layers = tuple(sorted({v for s in self.specs for v in s.vision_attention}))
+        with ctx.timer.span("vision"):
+            visual = adapter.encode_images(batch, vision_layers, attention_layers)
+        ctx.set_visual(_group(visual, ctx.images_per_sample))
+        if attention_layers:
+            block_inputs = [[dict(v.extras["block_inputs"]) for v in per_sample] for per_sample in ctx.visual]
+            with ctx.timer.span("select"):
+                adapter.vision_attention(visual)
+            ctx.count_vision_attention(block_inputs)
+        return self._initial_sequence(batch, visual)
 
     # --- prefill ----------------------------------------------------------------------------------
     def _initial_sequence(self, batch, visual: list[VisualTokens]) -> Sequence:
@@ -192,50 +229,59 @@ class Engine:
         seq.probe = torch.cat([torch.zeros_like(seq.probe), ones], dim=1)
 
     def _prefill(self, seq: Sequence, ctx: _Context, stop_at_glimpse: bool = False):
+        """LLM layers with the method's `llm`/`glimpse` stages; every selection step is timed ``select``
+        and its attention rows are booked (analytically) as the sample's selection FLOPs."""
         adapter = self.adapter
+        timer = ctx.timer
         stage_at = {s.layer: s for s in self.specs if s.stage in (Stage.LLM, Stage.GLIMPSE)}
         glimpse = next((s for s in self.specs if s.stage == Stage.GLIMPSE), None)
         if glimpse is not None:
-            self._append_probe(seq)
+            timer.begin("glimpse")
+            with timer.span("select"):
+                self._append_probe(seq)
         cache = LayerKVCache(adapter.n_layers)
         rope = adapter.rotary(seq.hidden, seq.positions)
         mask = attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
         probe_logits: list[torch.Tensor] = []
         kept_per_layer, seq_lens = [], []
         for index, layer in enumerate(adapter.layers):
-            if glimpse is not None and index <= glimpse.layer:
-                layer_embeds = self.probe.layer_embeds
-                if layer_embeds is not None and index < layer_embeds.shape[0]:
-                    seq.hidden = seq.hidden + seq.probe[..., None] * layer_embeds[index].to(seq.hidden)
-                if index in self.probe.attention_layers:
-                    probe_logits.append(attention_row(layer, seq.hidden, -1, seq.valid, rope)[0])
             spec = stage_at.get(index)
             row = None
-            if spec is not None and spec.stage == Stage.LLM and spec.attention_from == "same":
-                row = attention_row(layer, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
+            with timer.span("select"):
+                if glimpse is not None and index <= glimpse.layer:
+                    layer_embeds = self.probe.layer_embeds
+                    if layer_embeds is not None and index < layer_embeds.shape[0]:
+                        seq.hidden = seq.hidden + seq.probe[..., None] * layer_embeds[index].to(seq.hidden)
+                    if index in self.probe.attention_layers:
+                        probe_logits.append(attention_row(layer, seq.hidden, -1, seq.valid, rope)[0])
+                        ctx.count_rows(seq.valid)
+                if spec is not None and spec.stage == Stage.LLM and spec.attention_from == "same":
+                    row = attention_row(layer, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
+                    ctx.count_rows(seq.valid)
             kept_per_layer.append(seq.visual_count().tolist())
             seq_lens.append((seq.valid & ~seq.probe).sum(1).tolist())
-            seq.hidden = layer(
-                seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True
-            )
+            seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=True)
             cache.valid[index] = seq.valid
             if spec is None:
                 continue
-            if spec.stage == Stage.LLM and spec.attention_from == "next":
-                nxt = adapter.layers[index + 1]
-                row = attention_row(nxt, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
-            if spec.stage == Stage.GLIMPSE:
-                row = (torch.stack(probe_logits, dim=1), None)  # (b, layers, h, L)
-                if stop_at_glimpse:
-                    return [ctx.inputs(spec, seq, i, seq.is_visual[i].nonzero()[:, 0], row) for i in range(len(ctx.doc_ids))]
-            with ctx.timer.span("select_in_prefill"):
+            with timer.span("select"):
+                if spec.stage == Stage.LLM and spec.attention_from == "next":
+                    nxt = adapter.layers[index + 1]
+                    row = attention_row(nxt, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
+                    ctx.count_rows(seq.valid)
+                if spec.stage == Stage.GLIMPSE:
+                    row = (torch.stack(probe_logits, dim=1), None)  # (b, layers, h, L)
+                    if stop_at_glimpse:
+                        return [ctx.inputs(spec, seq, i, seq.is_visual[i].nonzero()[:, 0], row) for i in range(len(ctx.doc_ids))]
                 keep = ctx.decide(spec, seq, attention=row)
                 gather, valid = seq.compact(keep & ~seq.probe, self.reindex)
                 if spec.stage == Stage.GLIMPSE:
                     for done in range(index + 1):
                         cache.compact(done, gather, valid)
-            rope = adapter.rotary(seq.hidden, seq.positions)
-            mask = attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
+                rope = adapter.rotary(seq.hidden, seq.positions)
+                mask = attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
+            if spec.stage == Stage.GLIMPSE:
+                timer.end("glimpse")
         return cache, kept_per_layer, seq_lens
 
     # --- decoding ---------------------------------------------------------------------------------
@@ -262,7 +308,7 @@ class Engine:
                     masks[id(previous)] = (grown, attention_mask(new_valid, grown, self.attn_impl, hidden.dtype))
                 cache.valid[index], mask = masks[id(previous)]
                 hidden = layer(
-                    hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True
+                    hidden, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=True
                 )
             token = adapter.logits(hidden[:, -1]).argmax(-1)
             token = torch.where(finished, adapter.pad_token_id, token)
@@ -289,40 +335,70 @@ def _check_context(lengths: list[int], max_new: int, adapter: ModelAdapter, doc_
 
 
 class _Context:
-    """Per-batch selection bookkeeping: builds `StageInputs` per sample and validates decisions."""
+    """Per-batch selection bookkeeping: builds `StageInputs` per sample, validates decisions and counts
+    each sample's selection FLOPs (``select_flops``)."""
 
-    def __init__(self, engine: Engine, visual, n_original, budgets, doc_ids, questions, timer: StageTimer):
+    def __init__(self, engine: Engine, images_per_sample, n_original, budgets, doc_ids, questions, timer: StageTimer):
         self.engine = engine
         self.questions = questions
-        self.visual = visual  # per sample: list[VisualTokens]
+        self.images_per_sample: list[int] = images_per_sample
+        self.visual: list[list[VisualTokens]] = []  # per sample, after the vision tower (set_visual)
         self.n_original = n_original
         self.budgets = budgets
         self.doc_ids = doc_ids
         self.timer = timer
         self.kept_index: list[dict[str, list[int]]] = [{} for _ in doc_ids]
-        self.rc = [_token_rc(v) for v in visual]
         self.token_grids: list[list[tuple[int, int]]] = [[] for _ in doc_ids]  # with record_kept
+        self.original_grids: list[list[tuple[int, int]]] = [[] for _ in doc_ids]
+        self.select_flops: list[float] = [0.0 for _ in doc_ids]
+        self.count_flops = True
+        self.shape = LLMShape.from_config(engine.adapter.text_config)
+
+    def set_visual(self, visual: list[list[VisualTokens]]) -> None:
+        self.visual = visual
+        self.rc = [_token_rc(v) for v in visual]
+
+    def count_rows(self, valid: torch.Tensor) -> None:
+        """Book one recomputed attention row per sample over its ``valid`` (b, L) keys."""
+        for i, length in enumerate(valid.sum(1).tolist()):
+            self.select_flops[i] += attention_row_flops(self.shape, length)
+
+    def _count(self, i: int, fn) -> None:
+        """Add the FLOPs of ``fn()`` (`tokbench.metrics.count_flops`) to sample ``i``; the rerun is tokbench's own
+        bookkeeping, timed as ``_count`` and excluded from every span around it."""
+        if self.count_flops:
+            with self.timer.span("_count"):
+                self.select_flops[i] += count_flops(fn)
+
+    def count_vision_attention(self, block_inputs: list[list[dict]]) -> None:
+        """Selection FLOPs of the vision-attention statistics, recomputed per sample from the kept block inputs."""
+        adapter = self.engine.adapter
+        for i, per_image in enumerate(block_inputs):
+            copies = [VisualTokens(v.embeds, v.grid_hw, extras={**v.extras, "block_inputs": b}) for v, b in zip(self.visual[i], per_image)]
+            self._count(i, lambda copies=copies: adapter.vision_attention(copies))
 
     def decide(self, spec: StageSpec, seq: Sequence, attention) -> torch.Tensor:
         """(b, L) keep mask for ``spec``: text and padding always kept, visual tokens per the method."""
         keep = ~seq.is_visual
-        with self.timer.span("select"):
-            for i in range(seq.hidden.shape[0]):
-                positions = seq.is_visual[i].nonzero()[:, 0]
-                inputs = self.inputs(spec, seq, i, positions, attention)
-                count = self.engine.method.stage_count(spec, inputs)
-                decision = self.engine.method.select(spec, inputs)
-                index = _validate(decision, inputs, count, spec, self.doc_ids[i], self.engine.method.name)
-                kept_positions = positions[index.to(positions.device)]
-                keep[i, kept_positions] = True
-                states = decision.states
-                if decision.vision_states is not None:
-                    states = self.engine.adapter.project_vision(decision.vision_states.to(self.engine.adapter.dtype))
-                if states is not None:
-                    seq.hidden[i, kept_positions] = states.to(seq.hidden)
-                if self.engine.record_kept:
-                    original = seq.visual_index[i, kept_positions]
-                    self.kept_index[i][str(spec)] = original.tolist()
+        method = self.engine.method
+        for i in range(seq.hidden.shape[0]):
+            positions = seq.is_visual[i].nonzero()[:, 0]
+            inputs = self.inputs(spec, seq, i, positions, attention)
+            count = method.stage_count(spec, inputs)
+            decision = method.select(spec, inputs)
+            index = _validate(decision, inputs, count, spec, self.doc_ids[i], method.name)
+            # the method is a pure function of its inputs: rerun it on fresh ones to count its FLOPs
+            self._count(i, lambda i=i, positions=positions: method.select(spec, self.inputs(spec, seq, i, positions, attention)))
+            kept_positions = positions[index.to(positions.device)]
+            keep[i, kept_positions] = True
+            states = decision.states
+            if decision.vision_states is not None:
+                states = self.engine.adapter.project_vision(decision.vision_states.to(self.engine.adapter.dtype))
+            if states is not None:
+                seq.hidden[i, kept_positions] = states.to(seq.hidden)
+            if self.engine.record_kept:
+                original = seq.visual_index[i, kept_positions]
+                self.kept_index[i][str(spec)] = original.tolist()
         return keep
 
     def inputs(self, spec: StageSpec, seq: Sequence, i: int, positions, attention) -> StageInputs:

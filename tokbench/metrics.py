@@ -14,10 +14,12 @@ device is measured.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -141,46 +143,119 @@ def retention_figures(
     return {"retention": figures[f"retention_{headline}"], **figures}
 
 
+def vision_block_flops(tokens: int, hidden: int, intermediate: int, mlp_matmuls: int, attention_pairs: int) -> float:
+    """Analytic FLOPs of one vision-transformer block on ``tokens`` patches (2 FLOPs per multiply-add).
+
+    projections   2·P·d_v·3d_v [qkv] + 2·P·d_v·d_v [out]
+    MLP           mlp_matmuls · 2·P·d_v·m_v   (3 for a gated MLP (Qwen2.5-VL), 2 for CLIP's)
+    attention     2·2·d_v·attention_pairs, where attention_pairs = Σ over attention groups of size²
+                  (P² for one full-attention image; Σ wᵢ² over windows for window attention): q·kᵀ and
+                  weights·v over the full (bidirectional) square, the LLM's convention.
+    Example: P=4, d_v=2, m_v=4, gated, one full group (16 pairs) → 96 + 32 + 192 + 128 = 448.
+    """
+    projections = 2 * tokens * hidden * 3 * hidden + 2 * tokens * hidden * hidden
+    mlp = mlp_matmuls * 2 * tokens * hidden * intermediate
+    return float(projections + mlp + 2 * 2 * hidden * attention_pairs)
+
+
+def attention_row_flops(shape: LLMShape, seq_len: int) -> float:
+    """FLOPs of one recomputed LLM attention row (`tokbench.attention.attention_row`) over ``seq_len`` keys:
+    the query projection of one token 2·d·(h·e), the key projection of every token 2·L·d·(g·e), and the
+    logits 2·h·e·L. Methods' selection cost at `llm(k)` stages and GlimpsePrune's probe rows."""
+    q_dim, kv_dim = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    return float(2 * shape.hidden * q_dim + 2 * seq_len * shape.hidden * kv_dim + 2 * q_dim * seq_len)
+
+
+def flops_ratios(llm: float, vision: float, select: float, llm_full: float, vision_full: float) -> dict[str, float]:
+    """``flops_ratio_llm`` = llm / llm_full; ``flops_ratio_total`` = (llm + vision + select) /
+    (llm_full + vision_full). The full-token run does no selection work; the speedup bound is
+    1 / flops_ratio_total."""
+    return {"flops_ratio_llm": llm / llm_full, "flops_ratio_total": (llm + vision + select) / (llm_full + vision_full)}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of running ``fn()`` as torch's ``FlopCounterMode`` counts them (matmul-class ops, convolutions
+    and attention kernels; 2 FLOPs per multiply-add), with CPU SDPA counted like its CUDA kernels."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 # --- time and memory ------------------------------------------------------------------------------
 def _is_cuda(device: Any) -> bool:
     return device is not None and str(getattr(device, "type", device)).startswith("cuda")
 
 
 class StageTimer:
-    """Named wall-clock spans in milliseconds: ``with timer.span("vision"): ...``; read ``timer.ms``.
+    """Named spans in milliseconds over one batch: ``with timer.span("vision"): ...`` (or ``begin``/``end``
+    for a span that does not follow the code's blocks); then ``timer.finish()`` returns ``{name: ms}``.
 
-    Spans may nest (``ttft`` around ``vision`` and ``prefill``); a name used more than once adds up
-    (one ``select`` per stage). On a CUDA device each span edge calls ``torch.cuda.synchronize`` so
-    queued kernels are counted in the span that launched them.
+    A name used more than once adds up (one ``select`` per stage); spans may nest. Spans whose name
+    starts with ``_`` are the harness's own bookkeeping: they are left out of the result and their time
+    is subtracted from every span open around them. On a CUDA device each span edge records a CUDA
+    event on the current stream and ``finish`` synchronises once; on CPU each edge reads
+    ``time.perf_counter``.
     """
 
     def __init__(self, device: Any = None):
         self.device = device
-        self.ms: dict[str, float] = {}
         self._cuda = _is_cuda(device)
+        self._spans: list[tuple[str, Any, Any, tuple[str, ...]]] = []  # name, start, end, enclosing names
+        self._open: list[tuple[str, Any]] = []
 
-    def _sync(self) -> None:
+    def _mark(self) -> Any:
+        if self._cuda:
+            import torch
+
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def begin(self, name: str) -> None:
+        self._open.append((name, self._mark()))
+
+    def end(self, name: str) -> None:
+        open_name, start = self._open.pop()
+        if open_name != name:
+            raise RuntimeError(f"span {name!r} ended while {open_name!r} is open")
+        self._spans.append((name, start, self._mark(), tuple(n for n, _ in self._open)))
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.end(name)
+
+    def finish(self) -> dict[str, float]:
+        """Milliseconds per span name, bookkeeping excluded (the one synchronize on CUDA)."""
         if self._cuda:
             import torch
 
             torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def span(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
+        ms: dict[str, float] = {}
+        for name, start, end, enclosing in self._spans:
+            elapsed = start.elapsed_time(end) if self._cuda else (end - start) * 1000.0
+            for target in (name,) if not name.startswith("_") else set(enclosing):
+                sign = -1.0 if name.startswith("_") else 1.0
+                ms[target] = ms.get(target, 0.0) + sign * elapsed
+        return ms
 
 
 _NVML: dict[str, Any] = {}
 
 
-def _nvml_used_mb(device: Any) -> float | None:
-    """Memory in use on the GPU per NVML (all processes, CUDA context included), or None."""
+def _nvml_handle(device: Any) -> Any:
+    """The NVML handle of ``device`` (by UUID, which ignores CUDA_VISIBLE_DEVICES renumbering), or None."""
     try:
         import pynvml
         import torch
@@ -191,13 +266,28 @@ def _nvml_used_mb(device: Any) -> float | None:
         index = torch.device(device).index
         index = torch.cuda.current_device() if index is None else index
         uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        try:  # NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES; the UUID is unambiguous
-            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
         except Exception:  # noqa: BLE001 - older drivers/torch: fall back to the index
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / MB
+            return pynvml.nvmlDeviceGetHandleByIndex(index)
     except Exception:  # noqa: BLE001 - NVML is optional (missing package, no driver, MIG)
         return None
+
+
+def _nvml_reader(device: Any) -> Callable[[], float] | None:
+    """A function returning the device memory in use per NVML (MB; every process, context included)."""
+    handle = _nvml_handle(device)
+    if handle is None:
+        return None
+    import pynvml
+
+    return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / MB
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process (MB), from /proc/self/statm."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
 
 
 def _rss_peak_mb() -> float:
@@ -205,23 +295,55 @@ def _rss_peak_mb() -> float:
     return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+class PeakSampler:
+    """Polls ``read()`` (MB) on a background thread every ``interval_s`` while active; ``peak_mb`` is
+    the largest value seen, including one read at entry and one at exit."""
+
+    def __init__(self, read: Callable[[], float], interval_s: float = 0.005):
+        self.read = read
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tokbench-memory-sampler")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, self.read())
+
+    def __enter__(self) -> PeakSampler:  # noqa: PYI034
+        self.peak_mb = self.read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.read())
+        return False
+
+
 class PeakMemory:
     """Peak memory over one batch: ``with PeakMemory(device) as memory: ...``; then read
 
     peak_mb (float): on CUDA, ``torch.cuda.max_memory_allocated`` after resetting the peak stats at
-        entry (tensors only; the allocator's cache and the CUDA context are not included);
-        on CPU, the process's peak resident set size (``ru_maxrss``) — a peak over the whole process
-        lifetime so far, not this batch alone.
-    source (str): "cuda_allocator" or "cpu_rss".
-    nvml_mb (float | None): on CUDA, device memory in use per NVML at the end of the batch (every
-        process, cache and context included; a snapshot, not a peak); None on CPU or without NVML.
+        entry (live tensors, weights included; not the allocator's cache or the CUDA context);
+        on CPU, the largest resident set size of the process sampled during the batch (weights,
+        allocator caches and everything else the process holds).
+    source (str): "cuda_allocator", "cpu_rss", or "cpu_maxrss" where /proc is missing (the process's
+        lifetime peak ``ru_maxrss``, not this batch's).
+    nvml_peak_mb (float | None): on CUDA, the largest device memory in use per NVML sampled by a
+        background thread during the batch (every process, cache and CUDA context included);
+        None on CPU or without NVML.
     """
 
-    def __init__(self, device: Any = None):
+    def __init__(self, device: Any = None, interval_s: float = 0.005):
         self.device = device
-        self.source = "cuda_allocator" if _is_cuda(device) else "cpu_rss"
+        cuda = _is_cuda(device)
+        read = _nvml_reader(device) if cuda else _cpu_reader()
+        self.source = "cuda_allocator" if cuda else "cpu_rss" if read is not None else "cpu_maxrss"
         self.peak_mb: float = 0.0
-        self.nvml_mb: float | None = None
+        self.nvml_peak_mb: float | None = None
+        self._sampler = PeakSampler(read, interval_s) if read is not None else None
 
     def __enter__(self) -> PeakMemory:  # noqa: PYI034
         if self.source == "cuda_allocator":
@@ -229,6 +351,8 @@ class PeakMemory:
 
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self._sampler is not None:
+            self._sampler.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
@@ -245,6 +369,16 @@ class PeakMemory:
 
             torch.cuda.synchronize(self.device)
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / MB
-            self.nvml_mb = _nvml_used_mb(self.device)
-        else:
+        if self._sampler is not None:
+            self._sampler.__exit__(None, None, None)
+            if self.source == "cuda_allocator":
+                self.nvml_peak_mb = self._sampler.peak_mb
+            else:
+                self.peak_mb = self._sampler.peak_mb
+        elif self.source == "cpu_rss":
             self.peak_mb = _rss_peak_mb()
+
+
+def _cpu_reader() -> Callable[[], float] | None:
+    """RSS reader where /proc exists (Linux); elsewhere None (the process-lifetime ``ru_maxrss`` is used)."""
+    return _rss_mb if os.path.exists("/proc/self/statm") else None

@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 SAMPLE_FIELDS: tuple[str, ...] = (
     "run_id", "model", "method", "budget", "task", "doc_id", "prediction", "target", "score",
     "n_visual", "n_kept_input", "kept_per_layer",
-    "retention", "retention_input", "retention_final", "retention_layer_avg", "flops_ratio",
-    "ttft_ms", "vision_ms", "select_ms", "prefill_ms", "e2e_ms", "decode_ms_per_token",
-    "kv_cache_mb", "peak_mem_mb", "peak_mem_source", "batch_size", "error",
+    "retention", "retention_input", "retention_final", "retention_layer_avg",
+    "flops_llm", "flops_vision", "flops_select", "flops_ratio_llm", "flops_ratio_total",
+    # per span (tokbench.records.SPANS): the batch's latency and the per-sample amortised share
+    *(f"{span}_{kind}" for span in ("preprocess", "vision", "select", "glimpse", "prefill", "ttft", "ttft_e2e",
+                                    "decode", "e2e") for kind in ("batch_ms", "ms")),
+    "decode_batch_ms_per_token", "decode_ms_per_token",
+    "kv_cache_mb", "peak_mem_mb", "peak_mem_source", "nvml_peak_mb", "batch_size", "error",
 )  # fmt: skip
 # Optional keys a record may carry beyond the schema; written only when present.
 OPTIONAL_FIELDS: tuple[str, ...] = (

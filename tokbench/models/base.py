@@ -8,6 +8,8 @@ Qwen2.5-VL's M-RoPE, 1 for LLaVA's 1-D RoPE).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +26,12 @@ class VisualTokens:
     embeds (Tensor, (n, d)): projected visual tokens, raster order over the token grid.
     grid_hw (tuple[int, int]): token grid rows x cols (n == rows * cols).
     vision_hidden (dict[int, Tensor (n, u, d_v)]): vision-tower block outputs, in the same token order.
-    extras (dict): ``cls`` (dict[int, Tensor (d_v,)]) for CLIP towers; ``vision_attention``
-        (dict[int, dict[str, Tensor]]) per requested block: ``received`` (n,) attention each token
-        receives (sum over heads, mean over queries, mean over its ``u`` patches), ``keys``
-        (n, u, h, hd) the block's attention keys, and for CLIP ``cls`` (h, n) the CLS query's attention.
+    extras (dict): ``cls`` (dict[int, Tensor (d_v,)]) for CLIP towers; ``block_inputs`` (dict[int,
+        Tensor]) the inputs of the blocks whose attention statistics were asked for, until
+        `ModelAdapter.vision_attention` turns them into ``vision_attention`` (dict[int, dict[str, Tensor]])
+        per block: ``received`` (n,) attention each token receives (sum over heads, mean over queries,
+        mean over its ``u`` patches), ``keys`` (n, u, h, hd) the block's attention keys, and for CLIP
+        ``cls`` (h, n) the CLS query's attention.
     """
 
     embeds: torch.Tensor
@@ -135,9 +139,28 @@ class ModelAdapter(ABC):
     ) -> list[VisualTokens]:
         """Run the vision tower (and projector) once for the batch; one entry per image, batch order.
 
-        ``vision_layers``: blocks whose outputs to return; ``attention_layers``: blocks whose attention
-        statistics to compute (recomputed from the block's input, never as a full stored map).
+        ``vision_layers``: blocks whose outputs to return; ``attention_layers``: blocks whose inputs to
+        keep (``extras["block_inputs"]``) for `vision_attention`. Only these blocks' states are kept.
         """
+
+    def vision_attention(self, visual: list[VisualTokens]) -> None:
+        """Turn each image's kept block inputs into its attention statistics (``extras["vision_attention"]``),
+        recomputed from the block's input, never as a stored full map. Selection work: the engine times
+        it under ``select``."""
+        for tokens in visual:
+            inputs = tokens.extras.pop("block_inputs", {})
+            if inputs:
+                tokens.extras["vision_attention"] = {
+                    layer: self._attention_stats(layer, state, tokens) for layer, state in inputs.items()
+                }
+
+    def _attention_stats(self, layer: int, block_input: torch.Tensor, tokens: VisualTokens) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no vision attention statistics")
+
+    @abstractmethod
+    def vision_flops(self, grid_hw: tuple[int, int]) -> float:
+        """Analytic FLOPs of the vision tower and projector for one image whose token grid is ``grid_hw``
+        (`tokbench.metrics.vision_block_flops` per block, plus patch embedding and projector)."""
 
     @abstractmethod
     def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
@@ -172,3 +195,28 @@ class ModelAdapter(ABC):
             "attn_implementation": self.model.config._attn_implementation,
             "n_layers": self.n_layers,
         }
+
+
+@contextmanager
+def capture_blocks(
+    blocks: torch.nn.ModuleList, inputs: set[int], outputs: set[int]
+) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+    """Keep the hidden states entering (``("in", i)``) and leaving (``("out", i)``) the chosen blocks
+    of a tower's forward pass, through hooks, instead of every block's output."""
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for i in inputs:
+        def keep_input(module, args, kwargs, i=i):
+            captured[("in", i)] = args[0] if args else kwargs["hidden_states"]
+
+        handles.append(blocks[i].register_forward_pre_hook(keep_input, with_kwargs=True))
+    for i in outputs:
+        def keep_output(module, args, output, i=i):
+            captured[("out", i)] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(blocks[i].register_forward_hook(keep_output))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -13,7 +13,7 @@ import math
 import torch
 from PIL import Image
 
-from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
+from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens, capture_blocks
 from tokbench.pruner import ModelInfo
 
 
@@ -91,44 +91,62 @@ class LlavaAdapter(ModelAdapter):
     def encode_images(
         self, batch: PreparedBatch, vision_layers: tuple[int, ...] = (), attention_layers: tuple[int, ...] = ()
     ) -> list[VisualTokens]:
-        """CLIP tower + projector; block outputs (n, u=1, d_v) without CLS, CLS under ``extras['cls']``."""
+        """CLIP tower + projector; block outputs (n, u=1, d_v) without CLS, CLS under ``extras['cls']``.
+
+        Block ``i`` of the tower's hidden states: index 0 entered block 0, ``i + 1`` left block ``i``; the
+        feature layer (-2) is the output of block ``depth - 2``. Only the blocks asked for are kept.
+        """
         cfg = self.model.config
         tower = self.model.model.vision_tower
-        depth = len(tower.encoder.layers)
+        blocks = tower.encoder.layers
+        depth = len(blocks)
+        feature = cfg.vision_feature_layer % (depth + 1) - 1  # hidden_states index -> block whose output it is
         pixel_values = batch.model_inputs["pixel_values"].to(self.dtype)
         interpolate = pixel_values.shape[-1] != self._image_size
-        vision = tower(pixel_values, output_hidden_states=True, interpolate_pos_encoding=interpolate, return_dict=True)
-        selected = vision.hidden_states[cfg.vision_feature_layer]  # [0] entered block 0; [i + 1] left block i
+        wanted_out = {v % depth for v in vision_layers} | {feature}
+        with capture_blocks(blocks, {v % depth for v in attention_layers}, wanted_out) as captured:
+            tower(pixel_values, interpolate_pos_encoding=interpolate, return_dict=True)
+        selected = captured[("out", feature)]
         if cfg.vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
         embeds = self.model.model.multi_modal_projector(selected)  # (b_img, n, d)
         side = pixel_values.shape[-1] // self._patch
-        stats = {
-            layer: self._attention_stats(layer % depth, vision.hidden_states[layer % depth]) for layer in attention_layers
-        }
         tokens = []
         for i in range(embeds.shape[0]):
-            hidden = {layer: vision.hidden_states[layer % depth + 1][i, 1:, None] for layer in vision_layers}
-            extras = {"cls": {layer: vision.hidden_states[layer % depth + 1][i, 0] for layer in vision_layers}}
-            if stats:
-                extras["vision_attention"] = {layer: {k: v[i] for k, v in s.items()} for layer, s in stats.items()}
+            hidden = {layer: captured[("out", layer % depth)][i, 1:, None] for layer in vision_layers}
+            extras: dict = {"cls": {layer: captured[("out", layer % depth)][i, 0] for layer in vision_layers}}
+            if attention_layers:
+                extras["block_inputs"] = {layer: captured[("in", layer % depth)][i] for layer in attention_layers}
             tokens.append(VisualTokens(embeds[i], (side, side), hidden, extras))
         return tokens
 
-    def _attention_stats(self, layer: int, block_input: torch.Tensor) -> dict[str, torch.Tensor]:
-        """CLIP block ``layer``'s attention from its input (b, 1 + n, d_v): CLS row, received, keys."""
+    def _attention_stats(self, layer: int, block_input: torch.Tensor, tokens: VisualTokens) -> dict[str, torch.Tensor]:
+        """CLIP block ``layer``'s attention from its input (1 + n, d_v): CLS row, received, keys."""
         from tokbench.attention import attention_received
 
         block = self.model.model.vision_tower.encoder.layers[layer]
         attn = block.self_attn
         normed = block.layer_norm1(block_input)
-        b, length, _ = normed.shape
-        query = attn.q_proj(normed).view(b, length, attn.num_heads, -1).transpose(1, 2)  # (b, h, 1+n, hd)
-        key = attn.k_proj(normed).view(b, length, attn.num_heads, -1).transpose(1, 2)
-        cls = (query[:, :, :1].float() @ key.float().transpose(-1, -2) * attn.scale).softmax(-1)[:, :, 0, 1:]
-        received = torch.stack([attention_received(q, k, attn.scale)[1:] for q, k in zip(query, key)])
-        keys = key[:, :, 1:].permute(0, 2, 1, 3)[:, :, None]  # (b, n, u=1, h, hd)
+        length = normed.shape[0]
+        query = attn.q_proj(normed).view(length, attn.num_heads, -1).transpose(0, 1)  # (h, 1+n, hd)
+        key = attn.k_proj(normed).view(length, attn.num_heads, -1).transpose(0, 1)
+        cls = (query[:, :1].float() @ key.float().transpose(-1, -2) * attn.scale).softmax(-1)[:, 0, 1:]
+        received = attention_received(query, key, attn.scale)[1:]
+        keys = key[:, 1:].transpose(0, 1)[:, None]  # (n, u=1, h, hd)
         return {"cls": cls, "received": received, "keys": keys}
+
+    def vision_flops(self, grid_hw: tuple[int, int]) -> float:
+        """Patch embedding, every CLIP block (the tower runs all of them; full attention over CLS + patches)
+        and the two-layer projector, for a ``side x side`` grid."""
+        from tokbench.metrics import vision_block_flops
+
+        vision, text = self.model.config.vision_config, self.text_config
+        patches = grid_hw[0] * grid_hw[1]
+        length = patches + 1  # CLS
+        embed = 2 * patches * vision.num_channels * vision.patch_size**2 * vision.hidden_size
+        block = vision_block_flops(length, vision.hidden_size, vision.intermediate_size, 2, length**2)
+        projector = 2 * patches * (vision.hidden_size * text.hidden_size + text.hidden_size**2)
+        return float(embed + vision.num_hidden_layers * block + projector)
 
     def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
         positions = batch.attention_mask.long().cumsum(-1) - 1

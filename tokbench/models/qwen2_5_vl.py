@@ -13,7 +13,7 @@ import math
 import torch
 from PIL import Image
 
-from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
+from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens, capture_blocks
 from tokbench.pruner import ModelInfo
 
 
@@ -80,7 +80,7 @@ class Qwen25VLAdapter(ModelAdapter):
     ) -> list[VisualTokens]:
         """Vision tower + merger for all images at once.
 
-        Block outputs come out of the tower in window order, per patch; they are put back into merged
+        Block states come out of the tower in window order, per patch; they are put back into merged
         raster order (n, u=4, d_v), the order of the LLM's visual tokens. Attention statistics are only
         defined for full-attention blocks (``fullatt_block_indexes``; 7/15/23/31 in the real models).
         """
@@ -96,34 +96,32 @@ class Qwen25VLAdapter(ModelAdapter):
                 )
         pixel_values = batch.model_inputs["pixel_values"]
         grid_thw = batch.model_inputs["image_grid_thw"]
-        need_hidden = bool(vision_layers or attention_layers)
-        out = self.model.model.get_image_features(
-            pixel_values, grid_thw, output_hidden_states=need_hidden, return_dict=True
-        )
+        wanted_in, wanted_out = {v % depth for v in attention_layers}, {v % depth for v in vision_layers}
+        with capture_blocks(tower.blocks, wanted_in, wanted_out) as captured:
+            out = self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
         merge = tower.spatial_merge_size
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid_thw.tolist()]
         sizes = [r * c for r, c in grids]
-        raster: dict[int, list[torch.Tensor]] = {}  # tuple index -> per image (n, u, d_v)
-        if need_hidden:
+        raster: dict[tuple[str, int], list[torch.Tensor]] = {}  # per image (n, u, d_v)
+        if captured:
             window_index, _ = get_vision_window_index(
                 grid_thw, spatial_merge_size=merge, window_size=tower.window_size, patch_size=tower.patch_size
             )
             reverse = torch.argsort(window_index)
-            for index in {layer % depth + 1 for layer in vision_layers} | {layer % depth for layer in attention_layers}:
-                states = out.hidden_states[index]  # [0] entered block 0; [i + 1] left block i
+            for key, states in captured.items():
                 units = states.reshape(-1, merge * merge, states.shape[-1])[reverse]
-                raster[index] = list(torch.split(units, sizes))
+                raster[key] = list(torch.split(units, sizes))
         tokens = []
         for i, (emb, grid) in enumerate(zip(out.pooler_output, grids)):
-            hidden = {layer: raster[layer % depth + 1][i] for layer in vision_layers}
-            stats = {
-                layer: self._attention_stats(layer % depth, raster[layer % depth][i], grid_thw[i : i + 1])
-                for layer in attention_layers
-            }
-            tokens.append(VisualTokens(emb, grid, hidden, {"vision_attention": stats} if stats else {}))
+            hidden = {layer: raster[("out", layer % depth)][i] for layer in vision_layers}
+            extras = {}
+            if attention_layers:
+                extras["block_inputs"] = {layer: raster[("in", layer % depth)][i] for layer in attention_layers}
+                extras["grid_thw"] = grid_thw[i : i + 1]
+            tokens.append(VisualTokens(emb, grid, hidden, extras))
         return tokens
 
-    def _attention_stats(self, layer: int, block_input: torch.Tensor, grid_thw: torch.Tensor) -> dict:
+    def _attention_stats(self, layer: int, block_input: torch.Tensor, tokens: VisualTokens) -> dict:
         """Block ``layer``'s attention over one image, from its input (n, u, d_v) in raster order."""
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
         from transformers.vision_utils import get_vision_position_ids
@@ -131,16 +129,44 @@ class Qwen25VLAdapter(ModelAdapter):
         from tokbench.attention import attention_received
 
         tower = self.vision_tower
-        block = tower.blocks[layer]
+        block = tower.blocks[layer % len(tower.blocks)]
         n, unit, dim = block_input.shape
         patches = block_input.reshape(n * unit, dim)
         heads = block.attn.num_heads
         qkv = block.attn.qkv(block.norm1(patches)).reshape(n * unit, 3, heads, -1).permute(1, 0, 2, 3)
-        positions = get_vision_position_ids(grid_thw, tower.spatial_merge_size)
+        positions = get_vision_position_ids(tokens.extras["grid_thw"], tower.spatial_merge_size)
         cos, sin = tower.rotary_pos_emb(patches, positions)
         query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)  # (N, h, hd)
         received = attention_received(query.transpose(0, 1), key.transpose(0, 1), block.attn.scaling)
         return {"received": received.view(n, unit).mean(dim=1), "keys": key.reshape(n, unit, heads, -1)}
+
+    def vision_flops(self, grid_hw: tuple[int, int]) -> float:
+        """Patch embedding, ``depth`` blocks (window attention in 4x4-token windows, full attention in
+        ``fullatt_block_indexes``) and the 2x2 merger MLP, for a ``rows x cols`` token grid."""
+        from tokbench.metrics import vision_block_flops
+
+        cfg = self.model.config.vision_config
+        rows, cols = grid_hw
+        unit = cfg.spatial_merge_size**2
+        patches = rows * cols * unit
+        side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # window side in tokens
+
+        def squares(length: int) -> int:  # Σ of squared window extents along one axis
+            full, rest = divmod(length, side)
+            return full * side**2 + rest**2
+
+        window_pairs = unit**2 * squares(rows) * squares(cols)
+        embed = 2 * patches * cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2 * cfg.hidden_size
+        blocks = sum(
+            vision_block_flops(
+                patches, cfg.hidden_size, cfg.intermediate_size, 3,
+                patches**2 if b in cfg.fullatt_block_indexes else window_pairs,
+            )
+            for b in range(cfg.depth)
+        )  # fmt: skip
+        merged = unit * cfg.hidden_size
+        merger = 2 * rows * cols * merged * (merged + cfg.out_hidden_size)
+        return float(embed + blocks + merger)
 
     def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
         position_ids, _ = self.model.model.get_rope_index(
