@@ -6,7 +6,7 @@ Prompts (``doc_to_text`` with the task's pre/post prompts), images (``doc_to_vis
 scores (``process_results``) all come from lmms-eval's task object; this module only adapts them.
 
 Names: ``vstar-synth`` = ``vstar_synth`` (tokbench's offline V*-like task, generated on first use into
-``tokbench.synth.data_root()``), ``vstar`` = lmms-eval's ``vstar_bench``; a name with ``-`` also
+``tokbench.synth.data_root()``; ``vstar-synth-hires`` its V*-sized sibling for efficiency runs), ``vstar`` = lmms-eval's ``vstar_bench``; a name with ``-`` also
 matches its ``_`` spelling. A group or tag of exactly one task resolves to that task.
 
 ``data_dir`` points a task at a local copy of its data instead of the Hugging Face hub:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
-ALIASES = {"vstar-synth": "vstar_synth", "vstar": "vstar_bench"}
+ALIASES = {"vstar-synth": "vstar_synth", "vstar-synth-hires": "vstar_synth_hires", "vstar": "vstar_bench"}
 _LOCAL_BUILDERS = {"json", "parquet", "csv", "arrow", "text", "pandas", "imagefolder", "audiofolder", "webdataset"}
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
@@ -279,15 +279,16 @@ def _yaml_config(yaml_path) -> dict:
 def _data_override(name: str, config: dict, data_dir: str | None) -> tuple[dict, Path | None]:
     """Config keys that point the task at local data (empty when it reads its usual source)."""
     from tokbench.synth import data_root, ensure_vstar_synth
+    from tokbench.synth.vstar import VARIANTS
 
     split = config.get("test_split") or config.get("validation_split") or "test"
     if name.startswith("visual_cot"):
         return _visual_cot_override(name, split, data_dir)
-    if name == "vstar_synth":
-        path = Path(data_dir).expanduser() if data_dir else ensure_vstar_synth()
+    if name in VARIANTS:
+        path = Path(data_dir).expanduser() if data_dir else ensure_vstar_synth(**VARIANTS[name])
         parquet = path if path.is_file() else path / "test.parquet"
         if not parquet.is_file():
-            raise TaskError(f"task vstar_synth: no test.parquet in {path} (make one with tokbench.synth.generate_vstar_synth)")
+            raise TaskError(f"task {name}: no test.parquet in {path} (make one with tokbench.synth.generate_vstar_synth)")
         kwargs = {"data_files": {split: str(parquet)}, "cache_dir": str(data_root() / "hf-datasets")}
         return {"dataset_path": "parquet", "dataset_name": None, "dataset_kwargs": kwargs}, parquet.parent
     if data_dir is None:

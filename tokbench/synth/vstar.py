@@ -44,6 +44,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
 LETTERS = "ABCD"
 RELATIVE_SHARE = 0.4  # V* has 76 of 191 relative-position questions
 _PATCH = 28  # image sides stay multiples of the Qwen2.5-VL merge unit (2 x 14 px)
+# The generated tasks: the small canary task for accuracy, and a V*-sized sibling for efficiency runs.
+# Real V* images average ~2246x1582 px; at GlimpsePrune's max_pixels 3211264 Qwen2.5-VL resizes each of
+# these (2464x1736, 2464x1288, 1848x1736) to 4048-4092 visual tokens.
+VARIANTS: dict[str, dict] = {
+    "vstar_synth": {"n": 200, "image_size": (448, 448)},
+    "vstar_synth_hires": {"n": 24, "image_size": (2464, 1736)},
+}
 
 
 def generate_vstar_synth(
