@@ -262,3 +262,29 @@ def test_summarize_and_table():
     console.print(summary_table(summary, title="run"))
     text = console.export_text()
     assert "accuracy" in text and "0.5000" in text and "50.0%" in text and "cpu_rss" in text
+
+
+def test_live_tensor_peak_sees_an_n_by_n_map_and_not_flash_attention():
+    """An explicit n x n score matrix grows 4x per doubling; SDPA's fused kernel stays linear."""
+    torch = pytest.importorskip("torch")
+    from tokbench.metrics import LiveTensorPeak
+
+    def explicit(n):
+        x = torch.randn(n, 64)
+        with LiveTensorPeak() as peak:
+            scores = (x @ x.T).softmax(-1)
+            out = scores @ x
+            del scores
+        return peak.peak_mb, out
+
+    def fused(n):
+        q = torch.randn(1, 4, n, 16)
+        with LiveTensorPeak() as peak:
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return peak.peak_mb
+
+    small, _ = explicit(512)
+    large, _ = explicit(1024)
+    assert small >= 2 * 512 * 512 * 4 / 2**20  # two n x n float32 maps alive at once (logits, softmax)
+    assert large / small > 3.5
+    assert fused(2048) / fused(1024) < 2.2

@@ -270,7 +270,7 @@ class Engine:
                     row = attention_row(nxt, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
                     ctx.count_rows(seq.valid)
                 if spec.stage == Stage.GLIMPSE:
-                    row = (torch.stack(probe_logits, dim=1), None)  # (b, layers, h, L)
+                    row = (torch.stack(probe_logits, dim=1), None) if probe_logits else None  # (b, layers, h, L)
                     if stop_at_glimpse:
                         return [ctx.inputs(spec, seq, i, seq.is_visual[i].nonzero()[:, 0], row) for i in range(len(ctx.doc_ids))]
                 keep = ctx.decide(spec, seq, attention=row)
@@ -435,7 +435,7 @@ class _Context:
             logits, probs = attention
             inputs.text_logits = logits[i][:, positions]
             inputs.text_attention = probs[i][:, positions]
-        if spec.stage == Stage.GLIMPSE:
+        if spec.stage == Stage.GLIMPSE and attention is not None:
             inputs.extras["probe_logits"] = attention[0][i][:, :, positions]
             # over every key the probe sees (text and itself included), for an exact log-softmax
             inputs.extras["probe_logsumexp"] = attention[0][i].logsumexp(dim=-1)  # (layers, h)

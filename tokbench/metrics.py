@@ -382,3 +382,68 @@ class PeakMemory:
 def _cpu_reader() -> Callable[[], float] | None:
     """RSS reader where /proc exists (Linux); elsewhere None (the process-lifetime ``ru_maxrss`` is used)."""
     return _rss_mb if os.path.exists("/proc/self/statm") else None
+
+
+class LiveTensorPeak:
+    """Peak bytes of live tensors created inside ``with LiveTensorPeak() as peak: ...`` (a torch dispatch
+    mode); read ``peak.peak_mb``. Tensors made before entry (weights, inputs) are not counted.
+
+    Every tensor an operator returns is booked once per storage and released when the last Python tensor
+    viewing it is collected, so the figure is the largest set of intermediate tensors alive at any
+    operator boundary: device-independent and exact where RSS is not (allocator caches, the kernels' own
+    scratch space inside one operator are not seen). Used on CPU by the memory benchmark and its tests;
+    on CUDA, ``torch.cuda.max_memory_allocated`` measures the same thing.
+    """
+
+    def __init__(self):
+        self.peak_mb = 0.0
+        self._live = 0
+        self._refs: dict[int, list[int]] = {}  # storage data_ptr -> [live tensors, bytes]
+        self._mode = None
+
+    def __enter__(self) -> LiveTensorPeak:  # noqa: PYI034
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for tensor in tree_flatten(out)[0]:
+                    if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                        tracker._book(tensor)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._mode.__exit__(*exc)
+        return False
+
+    def _book(self, tensor) -> None:
+        import weakref
+
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        if key in self._refs:
+            self._refs[key][0] += 1
+        else:
+            self._refs[key] = [1, storage.nbytes()]
+            self._live += storage.nbytes()
+            self.peak_mb = max(self.peak_mb, self._live / MB)
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._refs[key]
+            self._live -= entry[1]

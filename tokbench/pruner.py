@@ -42,7 +42,8 @@ class StageSpec:
         layers ``> layer`` see the reduced sequence.
     attention_from (str): for `llm`, which projections score the last prompt token's attention:
         ``"same"`` = layer ``layer``'s own (FastV), ``"next"`` = layer ``layer + 1``'s applied to layer
-        ``layer``'s output (PyramidDrop).
+        ``layer``'s output (PyramidDrop), ``"none"`` = no attention row (methods that need none, and the
+        benchmark's zero-cost oracles).
     attention_rope (bool): apply rotary embeddings to q/k when scoring (VScan's Qwen port does not).
     vision_layers (tuple[int, ...]): vision-tower blocks whose outputs the method reads (`vision`,
         `glimpse`), 0-based or negative from the end.
