@@ -241,7 +241,46 @@ def probe_for(method: Pruner, model: ModelInfo) -> GlimpseProbe | None:
 
 
 class MethodError(ValueError):
-    """Unknown method, or arguments a method does not accept."""
+    """Unknown method, or arguments a method does not accept (or cannot use on this model)."""
+
+
+def plan_stages(method: Pruner, model: ModelInfo) -> list[StageSpec]:
+    """``method.stages(model)``, checked against ``model`` the way the engine will use them.
+
+    Runs on a `ModelInfo` built from the model's config alone (`tokbench.models.config_info`), so bad
+    method arguments, layers outside the model and budgets the method cannot reach are refused before
+    any weights load. A method's own ``ValueError`` becomes a `MethodError` (a `BudgetError` stays one).
+    """
+    try:
+        specs = method.stages(model)
+    except (MethodError, BudgetError):
+        raise
+    except ValueError as err:
+        raise MethodError(str(err)) from None
+    for spec in specs:
+        _check_spec(method, spec, model)
+    return specs
+
+
+def _check_spec(method: Pruner, spec: StageSpec, model: ModelInfo) -> None:
+    """The engine's and adapters' requirements on one stage, as one-line `MethodError`s."""
+    name = method.name
+    if spec.stage in (Stage.LLM, Stage.GLIMPSE):
+        last = model.n_layers - (2 if spec.attention_from == "next" else 1)
+        if spec.layer is None or not 0 <= spec.layer <= last:
+            raise MethodError(f"{name}: stage {spec} is outside layers 0..{last} of the {model.n_layers}-layer model")
+    if spec.stage == Stage.GLIMPSE and getattr(method, "probe", None) is None:
+        raise MethodError(f"{name}: a glimpse stage needs a probe() method")
+    depth = model.vision_depth
+    for block in (*spec.vision_layers, *spec.vision_attention):
+        if not -depth <= block < depth:
+            raise MethodError(f"{name}: vision block {block} is outside the {depth}-block vision tower")
+    for block in spec.vision_attention:
+        if block % depth not in model.vision_full_attention:
+            raise MethodError(
+                f"{name}: vision block {block} uses window attention; attention statistics need a full-attention "
+                f"block ({', '.join(map(str, model.vision_full_attention))})"
+            )
 
 
 _REGISTRY: dict[str, str | type] = {}
