@@ -24,9 +24,12 @@ from tokbench.pruner import (
     KeepDecision,
     MethodError,
     ModelInfo,
+    Pruner,
     Stage,
     StageInputs,
     StageSpec,
+    fixed_ratio,
+    is_dynamic,
     register_method,
 )
 
@@ -56,8 +59,8 @@ def reach_hint(ratio: float, n_layers: int) -> str:
 
 @register_method("fastv")
 @dataclass
-class FastV:
-    budget: Budget
+class FastV(Pruner):
+    budget: Budget | None
     k: int = 2
     _n_layers: int = field(default=0, init=False, repr=False)
     version = "2"
@@ -65,7 +68,7 @@ class FastV:
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
         layers = model.n_layers
-        ratio = self.budget.value if self.budget.kind == "ratio" else None
+        ratio = fixed_ratio(self.budget)
         if not 1 <= self.k < layers:
             hint = reach_hint(ratio, layers) if ratio is not None and ratio < 1 else f"pass --method-arg k={min(2, layers - 1)}"
             raise MethodError(f"fastv: k={self.k} must lie in 1..{layers - 1} for a {layers}-layer model; {hint}")
@@ -74,7 +77,7 @@ class FastV:
                 f"fastv: layer-averaged retention {ratio:g} is unreachable with k={self.k} of {layers} layers "
                 f"(the first k layers keep every token: > {self.k / layers:.4g}); {reach_hint(ratio, layers)}"
             )
-        if self.budget.kind == "dynamic":
+        if is_dynamic(self.budget):
             raise BudgetError("fastv keeps a fixed number of tokens; pass --ratio or --budget")
         self._n_layers = layers
         return [StageSpec(Stage.LLM, layer=self.k - 1)]

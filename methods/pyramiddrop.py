@@ -43,9 +43,12 @@ from tokbench.pruner import (
     KeepDecision,
     MethodError,
     ModelInfo,
+    Pruner,
     Stage,
     StageInputs,
     StageSpec,
+    fixed_ratio,
+    is_dynamic,
     register_method,
 )
 
@@ -104,10 +107,10 @@ def first_drop_hint(ratio: float, n_layers: int, bounds: tuple[int, ...], quarte
 
 @register_method("pyramiddrop")
 @dataclass
-class PyramidDrop:
+class PyramidDrop(Pruner):
     """Multi-stage rank & drop by the last instruction token's attention, keeping lam^s per stage."""
 
-    budget: Budget
+    budget: Budget | None
     lam: float = 0.0  # > 0: the paper's fixed-lambda setting (0.5) at L/4, L/2, 3L/4; 0: solve from the budget
     early_layer: int = 2  # budget mode: an extra first drop after this many layers (0: none)
     layer_list: str = ""  # explicit boundaries, 1-based as the official --layer_list, e.g. "8,16,24"
@@ -140,9 +143,9 @@ class PyramidDrop:
         return tuple(sorted({max(1, round(n_layers * k / 4)) for k in (1, 2, 3)}))
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        if self.budget.kind == "dynamic":
+        if is_dynamic(self.budget):
             raise BudgetError("pyramiddrop has no dynamic budget; pass --ratio, --budget or --method-arg lam=0.5")
-        if self.lam > 0 and self.budget != Budget.full():
+        if self.lam > 0 and self.budget not in (None, Budget.full()):  # full(): "none given" before budgets were optional
             raise MethodError("pyramiddrop: pass either a budget (--ratio/--budget) or lam, not both")
         if not 0 <= self.lam <= 1:
             raise MethodError(f"pyramiddrop: lam={self.lam} must lie in (0, 1]; pass e.g. --method-arg lam=0.5")
@@ -153,8 +156,8 @@ class PyramidDrop:
         self._stage_of = {b - 1: s for s, b in enumerate(bounds, start=1)}
         self._weights = stage_weights(bounds, model.n_layers)
         self._n_layers, self._bounds = model.n_layers, bounds
-        if self.lam <= 0 and self.budget.kind == "ratio":
-            self.check_reachable(self.budget.value)
+        if self.lam <= 0 and fixed_ratio(self.budget) is not None:
+            self.check_reachable(fixed_ratio(self.budget))
         return [StageSpec(Stage.LLM, layer=b - 1, attention_from="next") for b in bounds]
 
     def check_reachable(self, ratio: float) -> None:
@@ -170,7 +173,7 @@ class PyramidDrop:
         """This sample's lambda: ``lam`` if set, else solved for the budget's layer average."""
         if self.lam > 0:
             return self.lam
-        ratio = self.budget.value if self.budget.kind == "ratio" else inputs.budget_count / inputs.n_visual_original
+        ratio = fixed_ratio(self.budget) or inputs.budget_count / inputs.n_visual_original
         self.check_reachable(ratio)
         return solve_lambda(ratio, self._weights)
 

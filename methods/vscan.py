@@ -44,9 +44,11 @@ from tokbench.pruner import (
     KeepDecision,
     MethodError,
     ModelInfo,
+    Pruner,
     Stage,
     StageInputs,
     StageSpec,
+    is_dynamic,
     register_method,
 )
 
@@ -113,10 +115,10 @@ def _scan_score(stats: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @register_method("vscan")
 @dataclass
-class VScan:
+class VScan(Pruner):
     """Global + local scans with merging in the vision stage, then middle-layer pruning in the LLM."""
 
-    budget: Budget
+    budget: Budget | None
     mid_layer: float = 0.5  # stage 2 after this fraction of the layers: 16 of 32 (LLaVA), 14 of 28 (Qwen)
     mid_keep: float = 1 / 3  # T2 / T1: 32 of 96 (LLaVA), 0.333 (Qwen)
     global_share: float = 0.5  # share of T1 from the global scan
@@ -126,7 +128,7 @@ class VScan:
     headline_retention = "layer_avg"
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        if self.budget.kind == "dynamic":
+        if is_dynamic(self.budget):
             raise BudgetError("vscan needs a ratio or token budget, not a dynamic one; pass --ratio or --budget")
         layers = model.n_layers
         rank = round(self.mid_layer * layers)  # layers run on T1 tokens
