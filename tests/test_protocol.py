@@ -80,3 +80,9 @@ def test_pyramiddrop_lam_needs_no_budget_and_refuses_one():
     assert len(plan_stages(build_method("pyramiddrop", None, {"lam": "0.5"}), TINY_QWEN)) == 3
     with pytest.raises(ValueError, match="not both"):
         plan_stages(build_method("pyramiddrop", Budget.ratio(0.5), {"lam": "0.5"}), TINY_QWEN)
+
+
+def test_no_budget_keeps_the_manifest_and_run_id_of_a_full_budget():
+    from tokbench.pruner import method_config
+
+    assert method_config(build_method("random", None)) == method_config(build_method("random", Budget.full()))

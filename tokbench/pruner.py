@@ -442,5 +442,5 @@ def method_config(method: Pruner) -> dict[str, Any]:
     out: dict[str, Any] = {"name": method.name, "version": method.version}
     for key in fields:
         value = getattr(method, key)
-        out[key] = value.label() if isinstance(value, Budget) else value
+        out[key] = budget_label(value) if key == "budget" or isinstance(value, Budget) else value
     return out

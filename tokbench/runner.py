@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokbench.judge import JudgeConfig, JudgeError, JudgeReport
-from tokbench.pruner import Budget, BudgetError, build_method, method_config, plan_stages
+from tokbench.pruner import Budget, BudgetError, budget_label, build_method, method_config, plan_stages
 
 
 @dataclass
@@ -124,7 +124,7 @@ def run(
     method, task = validate(config, aliases)
     identity = config.identity()
     run_id = make_run_id(
-        {**identity, "method_config": method_config(method), "budget_label": method.budget.label()}
+        {**identity, "method_config": method_config(method), "budget_label": budget_label(method.budget)}
     )
     store = RunStore(Path(config.output), run_id)
     state = _distributed_state()
