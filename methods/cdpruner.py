@@ -147,6 +147,8 @@ class CDPruner(Pruner):
             return [StageSpec(Stage.EMBED)]
         if model.family != "llava":
             raise MethodError("cdpruner: relevance=clip needs a CLIP vision tower (LLaVA); use relevance=embeds")
+        if not self.clip.strip():
+            raise MethodError("cdpruner: relevance=clip needs a CLIP checkpoint; pass --method-arg clip=PATH or relevance=embeds")
         self._load_clip()
         return [StageSpec(Stage.VISION, vision_layers=(model.vision_feature_layer,))]
 

@@ -36,7 +36,7 @@ def _weights_dirs(root: Path) -> dict[str, str]:
     (paths["GP_CORRUPT_PT"] / "new_modules_gp.pt").write_bytes(b"\x80\x02not a torch file")
     (paths["GP_BAD_JSON"] / "config.json").write_text("{not json")
     torch.save({"attn_fuser": {}, "learnable_embeddings": torch.zeros(1)}, paths["GP_BAD_JSON"] / "new_modules_gp.pt")
-    return {**{k: str(v) for k, v in paths.items()}, "MISSING_DIR": str(root / "no-such-dir")}
+    return {**{k: str(v) for k, v in paths.items()}, "MISSING_DIR": str(root / "no-such-dir"), "NO_CLIP": str(root / "no-clip")}
 
 
 PREFLIGHT = [  # (extra args, message); every row exits 2 before the model loads
@@ -58,6 +58,10 @@ PREFLIGHT = [  # (extra args, message); every row exits 2 before the model loads
     (["--model", "CONFIG_ONLY"], "has no weights"),
     (["--model", "someorg/not-a-real-vlm"], "not a local checkpoint and not in the HF cache"),
     (["--method", "glimpseprune", "--model", "tiny-llava"], "glimpseprune has no default weights for 'tiny-llava'"),
+    (["--method", "cdpruner", "--model", "tiny-llava", "--method-arg", "clip="], "relevance=clip needs a CLIP checkpoint"),
+    (["--method", "cdpruner", "--model", "tiny-llava", "--method-arg", "clip=NO_CLIP"], "cdpruner: cannot load CLIP"),
+    (["--method", "cdpruner", "--method-arg", "relevance=text"], "cdpruner: relevance='text'; use auto, clip or embeds"),
+    (["--method", "divprune", "--method-arg", "features=pixels"], "divprune: features='pixels'; use embeds or vision"),
     (["--method", "glimpseprune", "--method-arg", "weights=MISSING_DIR"], "glimpseprune cannot fetch weights"),
     (["--method", "glimpseprune", "--method-arg", "weights=GP_EMPTY"], "GP_EMPTY/config.json is missing"),
     (["--method", "glimpseprune", "--method-arg", "weights=GP_CORRUPT_PT"], "GP_CORRUPT_PT/new_modules_gp.pt with torch.load"),
