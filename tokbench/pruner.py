@@ -266,7 +266,11 @@ def _with_defaults(cls: type) -> type:
 
 
 def probe_for(method: Pruner, model: ModelInfo) -> GlimpseProbe | None:
-    """The glimpse probe of a method that has a `glimpse` stage (its ``probe(model)``), else None."""
+    """The glimpse probe of a method that has a `glimpse` stage (its ``probe(model)``), else None.
+
+    Registered methods always have ``probe`` (the protocol's default); the lookup serves classes used
+    without registering (test doubles, the overhead benchmark's oracle) until they subclass `Pruner`.
+    """
     make = getattr(method, "probe", None)
     return None if make is None else make(model)
 
