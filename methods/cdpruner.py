@@ -50,9 +50,11 @@ from tokbench.pruner import (
     KeepDecision,
     MethodError,
     ModelInfo,
+    Pruner,
     Stage,
     StageInputs,
     StageSpec,
+    is_dynamic,
     register_method,
 )
 
@@ -125,10 +127,10 @@ class _Clip:
 
 @register_method("cdpruner")
 @dataclass
-class CDPruner:
+class CDPruner(Pruner):
     """Conditional-DPP pruning before the LLM. See the module docstring for rules and defaults."""
 
-    budget: Budget
+    budget: Budget | None
     relevance: str = "auto"  # auto | clip | embeds
     clip: str = "openai/clip-vit-large-patch14-336"
     version = "2"  # 2: official CLIP tokenisation (BOS/EOS, 77-token segments), +1e-6 min-max, answer formats stripped
@@ -136,7 +138,7 @@ class CDPruner:
     _clip: _Clip | None = field(default=None, init=False, repr=False)
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        if self.budget.kind == "dynamic":
+        if is_dynamic(self.budget):
             raise MethodError("cdpruner keeps a fixed number of tokens; pass --ratio or --budget")
         if self.relevance not in ("auto", "clip", "embeds"):
             raise MethodError(f"cdpruner: relevance={self.relevance!r}; use auto, clip or embeds")
@@ -145,6 +147,8 @@ class CDPruner:
             return [StageSpec(Stage.EMBED)]
         if model.family != "llava":
             raise MethodError("cdpruner: relevance=clip needs a CLIP vision tower (LLaVA); use relevance=embeds")
+        if not self.clip.strip():
+            raise MethodError("cdpruner: relevance=clip needs a CLIP checkpoint; pass --method-arg clip=PATH or relevance=embeds")
         self._load_clip()
         return [StageSpec(Stage.VISION, vision_layers=(model.vision_feature_layer,))]
 

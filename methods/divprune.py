@@ -39,9 +39,11 @@ from tokbench.pruner import (
     KeepDecision,
     MethodError,
     ModelInfo,
+    Pruner,
     Stage,
     StageInputs,
     StageSpec,
+    is_dynamic,
     register_method,
 )
 
@@ -71,16 +73,16 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 
 @register_method("divprune")
 @dataclass
-class DivPrune:
+class DivPrune(Pruner):
     """Max–min diversity pruning before the LLM. See the module docstring for rules and defaults."""
 
-    budget: Budget
+    budget: Budget | None
     features: str = "embeds"  # embeds | vision
     version = "1"
     headline_retention = "input"
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        if self.budget.kind == "dynamic":
+        if is_dynamic(self.budget):
             raise MethodError("divprune keeps a fixed number of tokens; pass --ratio or --budget")
         if self.features == "embeds":
             return [StageSpec(Stage.EMBED)]

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Pruner, Stage, StageInputs, StageSpec, register_method
 
 
 @register_method("downsample")
 @dataclass
-class Downsample:
-    budget: Budget
+class Downsample(Pruner):
+    budget: Budget | None
     version = "1"
     headline_retention = "input"
 

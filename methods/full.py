@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tokbench.pruner import Budget, KeepDecision, ModelInfo, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Pruner, StageInputs, StageSpec, register_method
 
 
 @register_method("full")
 @dataclass
-class Full:
+class Full(Pruner):
     """Acts at no stage; the engine then computes exactly what ``model.generate`` computes."""
 
-    budget: Budget = field(default_factory=Budget.full)
+    budget: Budget | None = None
     version = "1"
     headline_retention = "input"
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from methods.glimpse_vip import VIP, GlimpseConfig, GlimpseModules, init_official
+from tokbench.method_weights import check_weights_dir
 from tokbench.models.tiny import glimpse_weights_dir
 from tokbench.pruner import (
     Budget,
@@ -116,7 +117,9 @@ class GlimpsePrune:
         if self.allow_untrained and not self.weights:
             modules = GlimpseModules(default_config(model)).init_untrained(self.seed).eval()
         else:
-            modules = GlimpseModules.load(self._weights_dir(model))
+            directory = self._weights_dir(model)
+            check_weights_dir(directory, "glimpseprune", "new_modules_gp.pt", ("attn_fuser", "learnable_embeddings"))
+            modules = GlimpseModules.load(directory)
         self._check(modules.cfg, model)
         self._modules, self._model, self._vips = modules, model, {}
         return modules

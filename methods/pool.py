@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Pruner, Stage, StageInputs, StageSpec, register_method
 
 
 def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
@@ -28,8 +28,8 @@ def pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
 
 @register_method("pool")
 @dataclass
-class Pool:
-    budget: Budget
+class Pool(Pruner):
+    budget: Budget | None
     version = "1"
     headline_retention = "input"
 

@@ -39,11 +39,16 @@ from dataclasses import dataclass
 
 from tokbench.pruner import (
     Budget,
+    BudgetError,
     KeepDecision,
+    MethodError,
     ModelInfo,
+    Pruner,
     Stage,
     StageInputs,
     StageSpec,
+    fixed_ratio,
+    is_dynamic,
     register_method,
 )
 
@@ -80,12 +85,32 @@ def stage_count(n_visual: int, lam: float, stage: int) -> int:
     return max(1, min(n_visual, math.floor(n_visual * lam**stage + 1e-9)))
 
 
+def first_drop_hint(ratio: float, n_layers: int, bounds: tuple[int, ...], quarter: int, listed: bool) -> str:
+    """A setting whose first stage lies below layer-averaged retention ``ratio``.
+
+    The latest first drop ``b`` with ``b / L < ratio``: as ``early_layer`` when it comes before the
+    ``L/4`` boundary and no ``layer_list`` was ``listed``, else as the first of ``layer_list``. When not
+    even a drop after layer 1 reaches ``ratio``, that drop with the smallest round ratio above ``1/L``.
+    """
+    latest = max((b for b in range(1, n_layers) if b / n_layers < ratio), default=None)
+    suffix = ""
+    if latest is None:
+        above = math.ceil((1 / n_layers + 0.05) * 100) / 100
+        latest, suffix = 1, f" --ratio {above:g}"
+    if latest < quarter and not listed:
+        return f"pass --method-arg early_layer={latest}{suffix}"
+    if bounds[0] <= latest:  # the layout already drops early enough: only the ratio is out of reach
+        return f"on {n_layers} layers PyramidDrop reaches only retention > {1 / n_layers:.4g}: pass{suffix}"
+    layers = ",".join(map(str, sorted({latest, *(b for b in bounds if b > latest)})))
+    return f"pass --method-arg layer_list={layers}{suffix}"
+
+
 @register_method("pyramiddrop")
 @dataclass
-class PyramidDrop:
+class PyramidDrop(Pruner):
     """Multi-stage rank & drop by the last instruction token's attention, keeping lam^s per stage."""
 
-    budget: Budget
+    budget: Budget | None
     lam: float = 0.0  # > 0: the paper's fixed-lambda setting (0.5) at L/4, L/2, 3L/4; 0: solve from the budget
     early_layer: int = 2  # budget mode: an extra first drop after this many layers (0: none)
     layer_list: str = ""  # explicit boundaries, 1-based as the official --layer_list, e.g. "8,16,24"
@@ -95,33 +120,61 @@ class PyramidDrop:
     def boundaries(self, n_layers: int) -> tuple[int, ...]:
         """Drop boundaries (layers run before each drop) for an ``n_layers`` LLM."""
         if self.layer_list:
-            bounds = tuple(sorted({int(x) for x in self.layer_list.replace("[", "").replace("]", "").split(",")}))
+            try:
+                bounds = tuple(sorted({int(x) for x in self.layer_list.replace("[", "").replace("]", "").split(",")}))
+            except ValueError:
+                raise MethodError(
+                    f"pyramiddrop: layer_list={self.layer_list!r}: use comma-separated layer counts, e.g. layer_list=8,16,24"
+                ) from None
         else:
-            bounds = tuple(sorted({round(n_layers * k / 4) for k in (1, 2, 3)}))
+            bounds = self.quarters(n_layers)
             if self.lam <= 0 and 0 < self.early_layer < bounds[0]:
                 bounds = (self.early_layer, *bounds)
         if not bounds or bounds[0] < 1 or bounds[-1] > n_layers - 1:
-            raise ValueError(f"pyramiddrop: boundaries {bounds} must lie in 1..{n_layers - 1} for {n_layers} layers")
+            raise MethodError(
+                f"pyramiddrop: boundaries {bounds} must lie in 1..{n_layers - 1} for {n_layers} layers; "
+                f"pass e.g. --method-arg layer_list={','.join(map(str, self.quarters(n_layers)))}"
+            )
         return bounds
 
+    @staticmethod
+    def quarters(n_layers: int) -> tuple[int, ...]:
+        """The paper's boundaries ``L/4, L/2, 3L/4`` (distinct, at least 1)."""
+        return tuple(sorted({max(1, round(n_layers * k / 4)) for k in (1, 2, 3)}))
+
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        if self.budget.kind == "dynamic":
-            raise ValueError("pyramiddrop has no dynamic budget; pass --ratio, --budget or --method-arg lam=0.5")
-        if self.lam > 0 and self.budget != Budget.full():
-            raise ValueError("pyramiddrop: pass either a budget (--ratio/--budget) or lam, not both")
+        if is_dynamic(self.budget):
+            raise BudgetError("pyramiddrop has no dynamic budget; pass --ratio, --budget or --method-arg lam=0.5")
+        if self.lam > 0 and self.budget not in (None, Budget.full()):  # full(): "none given" before budgets were optional
+            raise MethodError("pyramiddrop: pass either a budget (--ratio/--budget) or lam, not both")
         if not 0 <= self.lam <= 1:
-            raise ValueError(f"pyramiddrop: lam={self.lam} must lie in (0, 1]")
+            raise MethodError(f"pyramiddrop: lam={self.lam} must lie in (0, 1]; pass e.g. --method-arg lam=0.5")
+        if self.early_layer < 0:
+            raise MethodError(f"pyramiddrop: early_layer={self.early_layer} must be >= 0 (0: no early drop)")
         bounds = self.boundaries(model.n_layers)
         # The layout depends on the depth, which `StageInputs` does not carry: remember it for stage_count.
         self._stage_of = {b - 1: s for s, b in enumerate(bounds, start=1)}
         self._weights = stage_weights(bounds, model.n_layers)
+        self._n_layers, self._bounds = model.n_layers, bounds
+        if self.lam <= 0 and fixed_ratio(self.budget) is not None:
+            self.check_reachable(fixed_ratio(self.budget))
         return [StageSpec(Stage.LLM, layer=b - 1, attention_from="next") for b in bounds]
+
+    def check_reachable(self, ratio: float) -> None:
+        """Refuse a layer-averaged ``ratio`` at or below the first stage's share (which keeps every token)."""
+        if ratio < 1 and ratio <= self._weights[0]:
+            raise BudgetError(
+                f"pyramiddrop: layer-averaged retention {ratio:.4g} is unreachable: the first stage (before any drop) "
+                f"is {self._weights[0]:.4g} of the {self._n_layers} layers; "
+                + first_drop_hint(ratio, self._n_layers, self._bounds, self.quarters(self._n_layers)[0], bool(self.layer_list))
+            )
 
     def lam_for(self, inputs: StageInputs) -> float:
         """This sample's lambda: ``lam`` if set, else solved for the budget's layer average."""
         if self.lam > 0:
             return self.lam
-        ratio = self.budget.value if self.budget.kind == "ratio" else inputs.budget_count / inputs.n_visual_original
+        ratio = fixed_ratio(self.budget) or inputs.budget_count / inputs.n_visual_original
+        self.check_reachable(ratio)
         return solve_lambda(ratio, self._weights)
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:

@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import Budget, KeepDecision, ModelInfo, Pruner, Stage, StageInputs, StageSpec, register_method
 
 
 @register_method("random")
 @dataclass
-class Random:
+class Random(Pruner):
     """Seeded per document by the engine (run seed, doc id), so runs reproduce whatever the batching."""
 
-    budget: Budget
+    budget: Budget | None
     version = "1"
     headline_retention = "input"
 

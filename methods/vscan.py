@@ -38,7 +38,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import (
+    Budget,
+    BudgetError,
+    KeepDecision,
+    MethodError,
+    ModelInfo,
+    Pruner,
+    Stage,
+    StageInputs,
+    StageSpec,
+    is_dynamic,
+    register_method,
+)
 
 
 def stage_counts(budget: int, n: int, mid_layer: float, mid_keep: float) -> tuple[int, int]:
@@ -103,10 +115,10 @@ def _scan_score(stats: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @register_method("vscan")
 @dataclass
-class VScan:
+class VScan(Pruner):
     """Global + local scans with merging in the vision stage, then middle-layer pruning in the LLM."""
 
-    budget: Budget
+    budget: Budget | None
     mid_layer: float = 0.5  # stage 2 after this fraction of the layers: 16 of 32 (LLaVA), 14 of 28 (Qwen)
     mid_keep: float = 1 / 3  # T2 / T1: 32 of 96 (LLaVA), 0.333 (Qwen)
     global_share: float = 0.5  # share of T1 from the global scan
@@ -116,11 +128,22 @@ class VScan:
     headline_retention = "layer_avg"
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        rank = round(self.mid_layer * model.n_layers)  # layers run on T1 tokens
-        if not 1 <= rank <= model.n_layers - 1 or not 0 < self.mid_keep <= 1:
-            raise ValueError(
-                f"vscan: mid_layer={self.mid_layer}, mid_keep={self.mid_keep} do not fit {model.n_layers} layers"
+        if is_dynamic(self.budget):
+            raise BudgetError("vscan needs a ratio or token budget, not a dynamic one; pass --ratio or --budget")
+        layers = model.n_layers
+        rank = round(self.mid_layer * layers)  # layers run on T1 tokens
+        if not 1 <= rank <= layers - 1:
+            raise MethodError(
+                f"vscan: mid_layer={self.mid_layer} puts stage 2 after {rank} of {layers} layers; it needs 1..{layers - 1}: "
+                f"pass --method-arg mid_layer=F with {1 / layers:.3g} <= F <= {(layers - 1) / layers:.3g}"
             )
+        if not 0 < self.mid_keep <= 1:
+            raise MethodError(f"vscan: mid_keep={self.mid_keep} must lie in (0, 1] (T2 / T1; default 1/3)")
+        for key in ("global_share", "local_depth"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise MethodError(f"vscan: {key}={getattr(self, key)} must lie in [0, 1]")
+        if self.window < 0:
+            raise MethodError(f"vscan: window={self.window} must be >= 0 (0: the family's default)")
         depth, qwen = model.vision_depth, model.family == "qwen2_5_vl"
         if qwen:  # first full-attention block (local), last block (global)
             blocks = (model.vision_full_attention[0], model.vision_full_attention[-1])

@@ -139,6 +139,7 @@ class Budget:
 
     @classmethod
     def full(cls) -> Budget:
+        """Keep every visual token: an explicit ratio 1.0 (no budget given is ``None``, not this)."""
         return cls("ratio", 1.0)
 
     def count(self, n_visual: int) -> int | None:
@@ -217,10 +218,25 @@ class KeepDecision:
 
 @runtime_checkable
 class Pruner(Protocol):
-    """The method contract. See `methods/full.py` for the reference implementation."""
+    """The method contract. See `methods/full.py` for the reference implementation.
+
+    Required: ``name``, ``version``, ``budget``, `stages`, `stage_count`, `select`. Optional, with the
+    defaults below (a method that subclasses `Pruner` inherits them; `register_method` and entry-point
+    loading give them to one that does not): ``headline_retention``, ``position_policy``, `probe`.
+
+    budget (Budget | None): what the user asked for; ``None`` = none given (the method's own default:
+        keep everything, GlimpsePrune's dynamic keep, PyramidDrop's fixed ``lam``).
+    headline_retention (str): the retention figure the budget is defined on: ``"input"`` (pre-LLM
+        methods), ``"final"`` (GlimpsePrune) or ``"layer_avg"`` (FastV, PyramidDrop, VScan).
+    position_policy (str | None): ``"keep"`` or ``"reindex"`` positions after a drop when the method's
+        official code fixes one; ``None`` = the model family's default.
+    """
 
     name: ClassVar[str]
     version: ClassVar[str]
+    budget: Budget | None
+    headline_retention: ClassVar[str] = "input"
+    position_policy: ClassVar[str | None] = None
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
         """The stages this method acts at on ``model``, in forward order."""
@@ -234,15 +250,94 @@ class Pruner(Protocol):
         """Choose the visual tokens to keep at ``spec`` for one sample."""
         ...
 
+    def probe(self, model: ModelInfo) -> GlimpseProbe | None:
+        """The query token a `glimpse` stage appends (methods with such a stage); None otherwise."""
+        return None
+
+
+_OPTIONAL = {"headline_retention": "input", "position_policy": None, "probe": Pruner.probe}
+
+
+def _with_defaults(cls: type) -> type:
+    """Give a method class the optional `Pruner` members it does not define (their protocol defaults)."""
+    for key, default in _OPTIONAL.items():
+        if not hasattr(cls, key):
+            setattr(cls, key, default)
+    return cls
+
 
 def probe_for(method: Pruner, model: ModelInfo) -> GlimpseProbe | None:
-    """The glimpse probe of a method that has a `glimpse` stage (its ``probe(model)``), else None."""
+    """The glimpse probe of a method that has a `glimpse` stage (its ``probe(model)``), else None.
+
+    Registered methods always have ``probe`` (the protocol's default); the lookup serves classes used
+    without registering (test doubles, the overhead benchmark's oracle) until they subclass `Pruner`.
+    """
     make = getattr(method, "probe", None)
     return None if make is None else make(model)
 
 
+def budget_count(budget: Budget | None, n_visual: int) -> int | None:
+    """Tokens to keep out of ``n_visual``: ``budget.count(n_visual)``; no budget given keeps all of them."""
+    return n_visual if budget is None else budget.count(n_visual)
+
+
+def fixed_ratio(budget: Budget | None) -> float | None:
+    """The ratio a budget asks for: a ratio budget's value, 1.0 when none was given, None for counts/dynamic."""
+    if budget is None:
+        return 1.0
+    return budget.value if budget.kind == "ratio" else None
+
+
+def is_dynamic(budget: Budget | None) -> bool:
+    return budget is not None and budget.kind == "dynamic"
+
+
+def budget_label(budget: Budget | None) -> str:
+    """The label runs and records carry; no budget given is ``"r1"``, as `Budget.full()` was (run ids stay)."""
+    return "r1" if budget is None else budget.label()
+
+
 class MethodError(ValueError):
-    """Unknown method, or arguments a method does not accept."""
+    """Unknown method, or arguments a method does not accept (or cannot use on this model)."""
+
+
+def plan_stages(method: Pruner, model: ModelInfo) -> list[StageSpec]:
+    """``method.stages(model)``, checked against ``model`` the way the engine will use them.
+
+    Runs on a `ModelInfo` built from the model's config alone (`tokbench.models.config_info`), so bad
+    method arguments, layers outside the model and budgets the method cannot reach are refused before
+    any weights load. A method's own ``ValueError`` becomes a `MethodError` (a `BudgetError` stays one).
+    """
+    try:
+        specs = method.stages(model)
+    except (MethodError, BudgetError):
+        raise
+    except ValueError as err:
+        raise MethodError(str(err)) from None
+    for spec in specs:
+        _check_spec(method, spec, model)
+    return specs
+
+
+def _check_spec(method: Pruner, spec: StageSpec, model: ModelInfo) -> None:
+    """The engine's and adapters' requirements on one stage, as one-line `MethodError`s."""
+    name = method.name
+    if spec.stage in (Stage.LLM, Stage.GLIMPSE):
+        last = model.n_layers - (2 if spec.attention_from == "next" else 1)
+        if spec.layer is None or not 0 <= spec.layer <= last:
+            raise MethodError(f"{name}: stage {spec} is outside layers 0..{last} of the {model.n_layers}-layer model")
+    if spec.stage == Stage.GLIMPSE and probe_for(method, model) is None:
+        raise MethodError(f"{name}: a glimpse stage needs a probe() method")
+    depth = model.vision_depth
+    for block in (*spec.vision_layers, *spec.vision_attention):
+        if not -depth <= block < depth:
+            raise MethodError(f"{name}: vision block {block} is outside the {depth}-block vision tower")
+    for block in spec.vision_attention:
+        if block % depth not in model.vision_full_attention:
+            raise MethodError(
+                f"{name}: vision block {block} uses window attention; attention statistics need a full-attention "
+                f"block ({', '.join(map(str, model.vision_full_attention))})"
+            )
 
 
 _REGISTRY: dict[str, str | type] = {}
@@ -272,7 +367,7 @@ def register_method(name: str) -> Callable[[type], type]:
             raise MethodError(f"method name {name!r} is already registered to {current}")
         _REGISTRY[name] = cls
         cls.name = name
-        return cls
+        return _with_defaults(cls)
 
     return wrap
 
@@ -304,12 +399,12 @@ def get_method_class(name: str) -> type:
     target = targets[name]
     if isinstance(target, str):
         module_name, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module_name), attr)
+        target = _with_defaults(getattr(importlib.import_module(module_name), attr))
         _REGISTRY[name] = target
     return target
 
 
-def build_method(name: str, budget: Budget, args: dict[str, str] | None = None) -> Pruner:
+def build_method(name: str, budget: Budget | None, args: dict[str, str] | None = None) -> Pruner:
     """Instantiate method ``name`` with ``budget`` and string ``args`` (from ``--method-arg k=v``).
 
     Arguments are converted to the types of the class's dataclass fields; unknown keys are an error.
@@ -352,5 +447,5 @@ def method_config(method: Pruner) -> dict[str, Any]:
     out: dict[str, Any] = {"name": method.name, "version": method.version}
     for key in fields:
         value = getattr(method, key)
-        out[key] = value.label() if isinstance(value, Budget) else value
+        out[key] = budget_label(value) if key == "budget" or isinstance(value, Budget) else value
     return out

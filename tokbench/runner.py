@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokbench.judge import JudgeConfig, JudgeError, JudgeReport
-from tokbench.pruner import Budget, BudgetError, build_method, method_config
+from tokbench.pruner import Budget, BudgetError, budget_label, build_method, method_config, plan_stages
 
 
 @dataclass
@@ -68,8 +68,14 @@ class RunValidationError(ValueError):
     """Settings that cannot run, found before the model loads."""
 
 
-def validate(config: RunConfig):
-    """Build the method and task and check the output dir; raises one-line errors. Returns (method, task)."""
+def validate(config: RunConfig, aliases: dict[str, str] | None = None):
+    """Check everything that can be checked without weights; raises one-line errors. Returns (method, task).
+
+    With ``aliases`` (tokbench.toml's model aliases) the model is checked too, from its config alone:
+    it resolves, its config is readable, and the method's stages fit it (layers in range, method
+    arguments valid, the budget reachable; a method's own weights load). Nothing is written on failure.
+    """
+    from tokbench.models import check_load_options
     from tokbench.tasks import load_task
 
     if config.batch_size < 1:
@@ -78,7 +84,12 @@ def validate(config: RunConfig):
         raise RunValidationError(f"limit {config.limit} must be >= 1")
     if config.position_policy not in (None, "keep", "reindex"):
         raise RunValidationError(f"position policy {config.position_policy!r}: use keep or reindex")
+    check_load_options(config.dtype, config.attn_implementation)
     method = build_method(config.method, config.make_budget(), config.method_args)
+    if aliases is not None:
+        from tokbench.models.config_info import config_info
+
+        plan_stages(method, config_info(config.model, aliases, config.random_weights))
     task = load_task(config.task, data_dir=config.data_dir, limit=config.limit)
     if task.judged and config.judge is not None and config.judge.judge:
         from tokbench.judge import check_judge
@@ -110,10 +121,10 @@ def run(
     from tokbench.models import load_model
     from tokbench.store import RunStore, make_run_id
 
-    method, task = validate(config)
+    method, task = validate(config, aliases)
     identity = config.identity()
     run_id = make_run_id(
-        {**identity, "method_config": method_config(method), "budget_label": method.budget.label()}
+        {**identity, "method_config": method_config(method), "budget_label": budget_label(method.budget)}
     )
     store = RunStore(Path(config.output), run_id)
     state = _distributed_state()

@@ -18,6 +18,8 @@ class ModelError(ValueError):
 
 def resolve_model(name: str, aliases: dict[str, str]) -> str:
     """Alias -> its target; a hub id (``org/name``) or existing path passes through."""
+    if not name.strip():
+        raise ModelError(f"--model is empty; pass an alias ({', '.join(sorted(aliases))}), a hub id or a local path")
     if name in aliases:
         return aliases[name]
     if Path(name).expanduser().exists():
@@ -33,18 +35,40 @@ def resolve_model(name: str, aliases: dict[str, str]) -> str:
     return name
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")  # the ones the engine builds masks for
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def check_load_options(dtype: str, attn_implementation: str) -> None:
+    """Refuse a dtype or attention implementation the loader or the engine cannot use (ModelError)."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)} (--dtype)")
+    if attn_implementation not in ATTENTION:
+        raise ModelError(f"unknown attention implementation {attn_implementation!r}; use {', '.join(ATTENTION)} (--attn)")
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("--attn flash_attention_2 needs the flash-attn package, which is not installed; pass --attn sdpa")
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """A local model directory must hold ``config.json`` and weights (ModelError naming what is missing)."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model dir {path} has no config.json; pass a checkpoint directory (config.json + weights)")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ModelError(f"model dir {path} has no weights (*.safetensors or *.bin); pass a complete checkpoint directory")
+
+
 def pick_dtype(dtype: str, device: str):
     import torch
 
+    check_load_options(dtype, "auto")
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return getattr(torch, dtype)
-    except AttributeError:
-        raise ModelError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32") from None
+    return getattr(torch, dtype)
 
 
 def pick_attention(requested: str, device: str) -> str:
+    check_load_options("auto", requested)
     if requested != "auto":
         return requested
     if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
@@ -83,6 +107,8 @@ def load_model(
         from tokbench.models.tiny import ensure_tiny
 
         target = str(ensure_tiny(target.removeprefix("tiny:")))
+    if Path(target).is_dir():
+        check_checkpoint_dir(Path(target))
     try:
         config = AutoConfig.from_pretrained(target)
     except OSError as err:
