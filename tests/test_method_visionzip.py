@@ -225,3 +225,28 @@ def test_end_to_end_counts_and_dominant_choice(name):
     stats = visual.extras["vision_attention"][block]
     score = stats["cls"].sum(0) if "cls" in stats else stats["received"]
     assert kept == sorted(score.topk(16).indices.tolist())
+
+
+def test_qwen_port_feeds_the_merged_llm_space_states_to_layer_0():
+    adapter = tiny_adapter("tiny-qwen2.5-vl")
+    image, question = noise_image(224, 224, seed=1), "Where is the red square?"
+    method = build_method("visionzip", Budget.tokens(16))
+    (spec,) = method.stages(adapter.info())
+    batch = adapter.preprocess([[image]], [question])
+    with torch.no_grad():
+        (visual,) = adapter.encode_images(batch, spec.vision_layers, spec.vision_attention)
+    n = visual.embeds.shape[0]
+    rows, cols = visual.grid_hw
+    rc = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    inputs = StageInputs(n, n, visual.grid_hw, rc, 16, visual_embeds=visual.embeds, extras=dict(visual.extras))
+    decision = method.select(spec, inputs)
+    seen = []
+    hook = adapter.layers[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        kwargs.get("hidden_states", args[0] if args else None).detach().clone()), with_kwargs=True)  # fmt: skip
+    try:
+        Engine(adapter, method).generate([[image]], [question], [0], 1)
+    finally:
+        hook.remove()
+    start = int((batch.input_ids[0] == adapter.image_token_id).nonzero()[0, 0])
+    torch.testing.assert_close(seen[0][0, start : start + 16], decision.states.to(seen[0].dtype))
+    assert not torch.allclose(decision.states, visual.embeds[decision.keep_index])  # some tokens were merged
