@@ -132,8 +132,7 @@ def _port_reference(probs, patch_keys, embeds, dominant_num, contextual_num):
     token i); patch_keys (h, 4n, hd): that block's keys; embeds (n, d): the merger's outputs.
     Returns the kept token indices (ascending) and the states the LLM receives for them.
     """
-    h, patches, hd = patch_keys.shape
-    n = patches // 4
+    n = patch_keys.shape[1] // 4
     # score: mean over heads, sum over queries, mean over each token's 4 patches
     per_patch = probs.mean(dim=0).sum(dim=0)
     score = [sum(per_patch[4 * i + j] for j in range(4)) / 4 for i in range(n)]

@@ -15,7 +15,6 @@ from tokbench.config import load_config
 from tokbench.models import load_model
 from tokbench.train.glimpse import GlimpseTrainConfig, GlimpseTrainer, box_mask, mask_loss, synth_examples
 
-
 # The attributes the official Qwen2_5_VL_GPConfig adds to Qwen2_5_VLConfig (transformers_gp/models/qwen2_5_vl/
 # configuration.py); its save_new_modules writes them with the whole model config.
 OFFICIAL_GP_KEYS = (
