@@ -41,7 +41,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokbench.pruner import Budget, KeepDecision, ModelInfo, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import (
+    Budget,
+    KeepDecision,
+    MethodError,
+    ModelInfo,
+    Stage,
+    StageInputs,
+    StageSpec,
+    register_method,
+)
 
 VARIANTS = ("auto", "llm", "vision")
 CLIP_CONTEXTUAL_RATIO = 10 / 64  # C / K: 54 + 10 of 64 (official README)
@@ -106,11 +115,13 @@ class VisionZip:
     version = "2"
     headline_retention = "input"
 
-    def stages(self, model: ModelInfo) -> list[StageSpec]:
+    def __post_init__(self) -> None:  # bad arguments stop the run before the model loads (exit 2)
         if self.variant not in VARIANTS:
-            raise ValueError(f"visionzip: variant={self.variant!r}; use one of {', '.join(VARIANTS)}")
+            raise MethodError(f"visionzip: variant={self.variant!r}; use one of {', '.join(VARIANTS)}")
         if self.contextual_ratio is not None and not 0.0 <= self.contextual_ratio < 1.0:
-            raise ValueError(f"visionzip: contextual_ratio={self.contextual_ratio} must lie in [0, 1)")
+            raise MethodError(f"visionzip: contextual_ratio={self.contextual_ratio} must lie in [0, 1)")
+
+    def stages(self, model: ModelInfo) -> list[StageSpec]:
         block = model.vision_feature_layer
         if block % model.vision_depth not in model.vision_full_attention:
             raise ValueError(

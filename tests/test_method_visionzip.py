@@ -10,7 +10,7 @@ from conftest import layer_lengths, noise_image, text_length, tiny_adapter
 
 from methods.visionzip import VisionZip, contextual_merge, split_budget, split_port
 from tokbench.engine import Engine
-from tokbench.pruner import Budget, ModelInfo, Stage, StageInputs, build_method
+from tokbench.pruner import Budget, MethodError, ModelInfo, Stage, StageInputs, build_method
 
 LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
 QWEN_7B = ModelInfo("qwen2_5_vl", "qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)
@@ -60,8 +60,11 @@ def test_stages_use_the_feature_block_and_pick_the_variant_by_capability():
     windowed = ModelInfo("other", "x", 4, 64, 4, 4, -1, (1, 2), 4)
     with pytest.raises(ValueError, match="window attention"):
         VisionZip(Budget.ratio(0.1)).stages(windowed)
-    with pytest.raises(ValueError, match="variant='clip'"):
-        VisionZip(Budget.ratio(0.1), variant="clip").stages(QWEN_7B)
+    # bad arguments are refused when the method is built, before any model loads
+    with pytest.raises(MethodError, match="variant='clip'; use one of auto, llm, vision"):
+        build_method("visionzip", Budget.ratio(0.1), {"variant": "clip"})
+    with pytest.raises(MethodError, match=r"contextual_ratio=1.0 must lie in \[0, 1\)"):
+        build_method("visionzip", Budget.ratio(0.1), {"contextual_ratio": "1"})
 
 
 def test_planted_cls_attention_tokens_are_dominant_and_unchanged():
