@@ -111,7 +111,7 @@ def official_base(config: dict) -> dict:
         if key not in ("model_type", "architectures", "transformers_version"):
             out.setdefault(key, value)
     rope = out.get("rope_parameters") or {}
-    if "mrope_section" in rope and "rope_scaling" not in out:
+    if "mrope_section" in rope and not out.get("rope_scaling"):
         out["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
     if "rope_theta" in rope:
         out.setdefault("rope_theta", rope["rope_theta"])
