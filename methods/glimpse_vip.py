@@ -9,7 +9,8 @@ Behaviour read from the official code (HVision-NKU/GlimpsePrune): `AttnFuserV1`,
 ``transformers_gp/models/qwen2_5_vl/model_gp.py`` and ``llava_gp/model/language_model/llava_llama.py``.
 Parameter names equal the official ones, so ``new_modules_gp.pt`` (a dict ``{"attn_fuser": state_dict,
 "learnable_embeddings": Tensor (len(le_layers), le_length, d), "le_proj": state_dict, "le_norm":
-state_dict}``) loads with ``strict=True``; ``config.json`` carries the settings under their official keys.
+state_dict}``) loads with ``strict=True``; ``config.json`` carries the base model's config and the GP settings
+under their official keys, which is what the official ``load_new_modules`` reads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+# official config keys tokbench does not use, written at their off values so the file has every official key:
+# glimpse-embedding dropout (training) and the oracle / empty masks of the evaluation scripts
+INFERENCE_OFF = {"le_dropout_prob": 0.0, "use_ref_masks": False, "use_zero_masks": False}
 
 
 @dataclass
@@ -56,13 +60,28 @@ class GlimpseConfig:
     max_remain_ratio: float | None = None
     anchor_positions: tuple[str, ...] = ()
 
-    def to_json(self) -> dict:
-        """The official layout: GP keys top level, the vision width under ``vision_config``."""
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        out["vision_config"] = {"hidden_size": out.pop("vision_hidden_size")}
-        out["model_type"] = "qwen2_5_vl_gp" if self.family == "qwen2_5_vl" else "llava_llama_gp"
-        out.pop("family")
-        return out
+    def to_json(self, base: dict | None = None) -> dict:
+        """``config.json`` as the official ``save_new_modules`` writes it: the base model's config with the
+        GP keys at the top level (``model_type`` ``qwen2_5_vl_gp`` / ``llava_llama_gp``).
+
+        The official ``load_new_modules`` replaces the whole model config with this file
+        (``config_class.from_json_file``), so it must carry the base config (``image_token_id``,
+        ``vision_config``, the text settings); `official_base` puts that in the layout of the official
+        pin. Without ``base``, only the GP keys and the vision width (tokbench loads that; the official
+        code does not).
+        """
+        gp = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        vision = {"hidden_size": gp.pop("vision_hidden_size")}
+        gp.pop("family")
+        gp.update(INFERENCE_OFF)
+        gp["model_type"] = "qwen2_5_vl_gp" if self.family == "qwen2_5_vl" else "llava_llama_gp"
+        if base is None:
+            return {**gp, "vision_config": vision}
+        out = official_base(base)
+        width = out.setdefault("vision_config", vision).get("hidden_size")
+        if width != vision["hidden_size"]:
+            raise ValueError(f"glimpseprune: the base config's vision width {width} is not {vision['hidden_size']}")
+        return {**out, **gp}
 
     @classmethod
     def from_json(cls, raw: dict, vision_hidden_size: int) -> GlimpseConfig:
@@ -76,6 +95,27 @@ class GlimpseConfig:
         for key in ("selected_layers", "le_layers", "selected_visual_layers", "anchor_positions"):
             values[key] = tuple(values.get(key) or ())
         return cls(**values)
+
+
+def official_base(config: dict) -> dict:
+    """A base model's config (``PretrainedConfig.to_dict()``) in the layout the official code reads.
+
+    GlimpsePrune pins transformers 4.51, whose Qwen2.5-VL config takes the text settings at the top level
+    and M-RoPE as ``rope_theta`` + ``rope_scaling`` ``{"type": "mrope", "mrope_section": ...}``. Newer
+    transformers nest them under ``text_config`` with ``rope_parameters``; both forms are written (newer
+    readers take ``text_config``, older ones the top level). Top-level values win over nested ones.
+    """
+    out = json.loads(json.dumps(config))  # a deep copy of plain JSON values
+    text = out.get("text_config") or {}
+    for key, value in text.items():
+        if key not in ("model_type", "architectures", "transformers_version"):
+            out.setdefault(key, value)
+    rope = out.get("rope_parameters") or {}
+    if "mrope_section" in rope and not out.get("rope_scaling"):
+        out["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    if "rope_theta" in rope:
+        out.setdefault("rope_theta", rope["rope_theta"])
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -221,6 +261,7 @@ class GlimpseModules(nn.Module):
         self.le_proj = nn.Linear(d, d)
         norm = {"rmsnorm": lambda: RMSNorm(d, cfg.rms_norm_eps), "layernorm": lambda: nn.LayerNorm(d)}
         self.le_norm = norm[cfg.le_norm_type]()
+        self.base_config: dict | None = None  # the base model's config, written with the GP keys (`save`)
 
     def init_untrained(self, seed: int) -> GlimpseModules:
         """Random official initialisation: Linear/norm from ``seed``, VIP ``seed + 1``, embeddings ``seed + 2``."""
@@ -250,10 +291,14 @@ class GlimpseModules(nn.Module):
         }
 
     def save(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``new_modules_gp.pt`` as the official ``save_new_modules`` does."""
+        """Write ``config.json`` + ``new_modules_gp.pt`` as the official ``save_new_modules`` does.
+
+        ``config.json`` is ``base_config`` (set by `load` from the file read, or by the trainer from the
+        model) with the GP keys; without a ``base_config`` it holds the GP keys only (see `GlimpseConfig.to_json`).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
+        (directory / "config.json").write_text(json.dumps(self.cfg.to_json(self.base_config), indent=2))
         torch.save(self.official_state(), directory / "new_modules_gp.pt")
 
     @classmethod
@@ -264,8 +309,11 @@ class GlimpseModules(nn.Module):
         fuser = dict(state["attn_fuser"])
         fuser.pop("rotary_pos_emb.inv_freq", None)  # a non-persistent buffer; tolerated if present
         vision_hidden_size = fuser["cond_in_projs.0.weight"].shape[1]
-        cfg = GlimpseConfig.from_json(json.loads((directory / "config.json").read_text()), vision_hidden_size)
+        raw = json.loads((directory / "config.json").read_text())
+        cfg = GlimpseConfig.from_json(raw, vision_hidden_size)
         modules = cls(cfg)
+        if set(raw) - set(cfg.to_json()):  # a full model config (official, or tokbench's): written back by `save`
+            modules.base_config = raw
         modules.attn_fuser.load_state_dict(fuser, strict=True)
         with torch.no_grad():
             modules.learnable_embeddings.copy_(state["learnable_embeddings"])

@@ -24,6 +24,8 @@ Budgets: no budget (``Budget.full()``, ratio 1.0) = the official dynamic default
 ``max_remain_ratio`` (method arg, else the checkpoint's, ``None`` = no cap: the README's "no retention
 rate limit"); ``Budget.dynamic(c)`` = dynamic capped at ``c`` (the README's ``MAX_REMAIN_RATIO=0.111``);
 ``--ratio r < 1`` / ``--budget k`` = the fixed-ratio efficiency mode: exactly the top ``k`` by VIP logit.
+Every top-k here ranks by the float32 logit with exact ties to the lower token index (`top_tokens`); the
+official code ranks bf16 sigmoid probabilities, whose ties it breaks arbitrarily (a documented deviation).
 Weights: ``weights=DIR|hub id`` with ``config.json`` + ``new_modules_gp.pt`` (official layout); default per
 base model (``ashun989/GlimpsePrune_*``); ``allow_untrained=true`` uses a seeded random init (tests).
 One instance serves one model at a time: `stages` loads the weights for the model it is given.
@@ -64,15 +66,25 @@ DEFAULT_WEIGHTS = (  # (pattern in ModelInfo.name, hub ids to try), from the off
 OFFICIAL_LAYER = {("qwen2_5_vl", 28): 18, ("qwen2_5_vl", 36): 23, ("llava", 32): 21, ("llava", 40): 26}
 
 
+def top_tokens(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best tokens of ``logits`` (n,): highest float32 VIP logit first, exact ties to the lower index.
+
+    The official code takes ``topk`` of the sigmoid probabilities in the model's dtype; in bf16 the sigmoid
+    is 1.0 from a logit of ~6.24, so its choice among saturated tokens is arbitrary (docs/methods/glimpseprune.md).
+    ``[1, 3, 3, 2, 3], k = 2 -> [1, 2]``.
+    """
+    return torch.sort(logits.float(), descending=True, stable=True).indices[:k]
+
+
 def keep_dynamic(logits: torch.Tensor, threshold: float, max_ratio: float | None, min_num: int | None) -> torch.Tensor:
-    """Official ``_get_remain_masks`` on one sample's logits (n,) -> sorted kept indices."""
+    """Official ``_get_remain_masks`` on one sample's logits (n,) -> sorted kept indices (ties: `top_tokens`)."""
     keep = logits.sigmoid() > threshold
     n = logits.numel()
     if max_ratio is not None and int(keep.sum()) / n > max_ratio:
         keep = torch.zeros_like(keep)
-        keep[logits.topk(int(max_ratio * n)).indices] = True
+        keep[top_tokens(logits, int(max_ratio * n))] = True
     if min_num is not None and int(keep.sum()) < min_num:
-        keep[logits.topk(min(min_num, n)).indices] = True
+        keep[top_tokens(logits, min(min_num, n))] = True
     return keep.nonzero()[:, 0]
 
 
@@ -104,7 +116,7 @@ class GlimpsePrune:
     max_remain_ratio: float | None = None  # None: the checkpoint's (no cap in the official default)
     min_remain_num: int | None = None  # None: the checkpoint's (1)
     seed: int = 0
-    version = "1"
+    version = "2"
     headline_retention = "final"
     position_policy = "keep"  # the official LLaVA and Qwen code keep original position ids after the drop
 
@@ -230,5 +242,5 @@ class GlimpsePrune:
             min_num = self.min_remain_num if self.min_remain_num is not None else cfg.min_remain_num
             index = keep_dynamic(logits, threshold, self.dynamic_cap(), min_num)
         else:
-            index = logits.topk(inputs.budget_count).indices.sort().values
+            index = top_tokens(logits, inputs.budget_count).sort().values
         return KeepDecision(index, scores=logits)

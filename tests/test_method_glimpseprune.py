@@ -9,7 +9,7 @@ import torch
 from conftest import noise_image, tiny_adapter
 
 from methods.glimpse_vip import VIP, GlimpseConfig, GlimpseModules
-from methods.glimpseprune import GlimpsePrune, keep_dynamic
+from methods.glimpseprune import GlimpsePrune, keep_dynamic, top_tokens
 from tokbench.engine import Engine
 from tokbench.pruner import Budget, ModelInfo, Stage, StageInputs, build_method
 
@@ -130,6 +130,24 @@ def test_dynamic_rule_threshold_cap_and_minimum():
         x = torch.randn(200, generator=g) * 3
         kept = keep_dynamic(x, 0.5, 0.1, 1)
         assert 1 <= kept.numel() <= 20 and kept.tolist() == sorted(set(kept.tolist()))
+
+
+def test_ties_go_to_the_lower_token_index():
+    assert top_tokens(torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0]), 2).tolist() == [1, 2]  # torch.topk: [2, 4]
+    saturated = torch.zeros(300)
+    saturated[::3] = 7.0  # 100 tokens whose bf16 sigmoid is exactly 1.0
+    assert top_tokens(saturated, 5).tolist() == [0, 3, 6, 9, 12]
+    # the cap keeps the first tied tokens; a higher logit still wins over any tie
+    saturated[200] = 7.5
+    assert keep_dynamic(saturated, 0.5, 0.02, 1).tolist() == [0, 3, 6, 9, 12, 200]  # int(0.02 * 300) = 6
+    assert keep_dynamic(-saturated - 1, 0.5, None, 2).tolist() == [1, 2]  # the minimum, among equal logits
+    # the fixed-ratio mode ranks the same way
+    method = GlimpsePrune(Budget.tokens(4), allow_untrained=True)
+    (spec,) = method.stages(SMALL)
+    inputs = _stage_inputs(budget_count=4)
+    tied = torch.tensor([5.0, 1.0, 5.0, 2.0] * 4)
+    method.vip_logits = lambda spec, inputs: tied
+    assert method.select(spec, inputs).keep_index.tolist() == [0, 2, 4, 6]
 
 
 def test_budget_modes_and_fixed_ratio_is_exact():

@@ -1,20 +1,22 @@
-"""VisionZip: dominant tokens by attention, contextual merge by key similarity, counts, and both tiny models."""
+"""VisionZip: dominant tokens by attention, contextual merge by key similarity, the Qwen2.5-VL port against a
+step-by-step reference, counts, and both tiny models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import layer_lengths, noise_image, text_length, tiny_adapter
 
-from methods.visionzip import VisionZip, contextual_merge, split_budget
+from methods.visionzip import VisionZip, contextual_merge, split_budget, split_port
 from tokbench.engine import Engine
-from tokbench.pruner import Budget, ModelInfo, Stage, StageInputs, build_method
+from tokbench.pruner import Budget, MethodError, ModelInfo, Stage, StageInputs, build_method
 
 LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
 QWEN_7B = ModelInfo("qwen2_5_vl", "qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)
 
 
-def _inputs(hidden, stats, budget, block=-2, rows=None):
+def _inputs(hidden, stats, budget, block=-2, rows=None, embeds=None):
     n = hidden.shape[0]
     rows = rows or int(n**0.5)
     rc = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(n // rows), indexing="ij"), -1).reshape(-1, 2)
@@ -24,28 +26,45 @@ def _inputs(hidden, stats, budget, block=-2, rows=None):
         grid_hw=(rows, n // rows),
         token_rc=rc,
         budget_count=budget,
+        visual_embeds=embeds,
         vision_hidden={block: hidden},
         extras={"vision_attention": {block: stats}},
     )
 
 
-def _spec(model=LLAVA_7B):
-    return VisionZip(Budget.tokens(64)).stages(model)[0]
+def _spec(model=LLAVA_7B, variant="auto"):
+    return VisionZip(Budget.tokens(64), variant=variant).stages(model)[0]
 
 
 def test_official_budget_splits():
     assert [split_budget(k, 10 / 64) for k in (64, 128, 192, 160)] == [(54, 10), (108, 20), (162, 30), (135, 25)]
     assert split_budget(1, 10 / 64) == (1, 0)
     assert split_budget(5, 0.9) == (1, 4)  # at least one dominant token
+    # the Qwen2.5-VL port: C = max(1, int(0.05 n)); its README's 70% and 50% settings are 65+5 and 45+5
+    assert split_port(700, 1000) == (650, 50) and split_port(500, 1000) == (450, 50)
+    assert split_port(16, 64) == (13, 3) and split_port(4, 10) == (3, 1) and split_port(2, 1000) == (1, 1)
+    assert split_port(1, 1000) == (1, 0)
 
 
-def test_stages_use_the_feature_block():
+def test_stages_use_the_feature_block_and_pick_the_variant_by_capability():
     (spec,) = VisionZip(Budget.tokens(64)).stages(LLAVA_7B)
     assert spec.stage == Stage.VISION and spec.vision_layers == (-2,) and spec.vision_attention == (-2,)
-    assert VisionZip(Budget.ratio(0.1)).stages(QWEN_7B)[0].vision_attention == (-1,)
-    windowed = ModelInfo("qwen2_5_vl", "x", 4, 64, 4, 4, -1, (1, 2), 4)
+    # 4 patches per token: the port, which merges in LLM space and needs no block outputs
+    (qwen,) = VisionZip(Budget.ratio(0.1)).stages(QWEN_7B)
+    assert qwen.vision_attention == (-1,) and qwen.vision_layers == ()
+    assert VisionZip(Budget.ratio(0.1), variant="vision").stages(QWEN_7B)[0].vision_layers == (-1,)
+    assert VisionZip(Budget.ratio(0.1), variant="llm").stages(LLAVA_7B)[0].vision_layers == ()
+    # no family check: any tower with several patches per token gets the port
+    other = ModelInfo("other", "x", 4, 64, 4, 4, -1, (3,), 4)
+    assert VisionZip(Budget.ratio(0.1)).stages(other)[0].vision_layers == ()
+    windowed = ModelInfo("other", "x", 4, 64, 4, 4, -1, (1, 2), 4)
     with pytest.raises(ValueError, match="window attention"):
         VisionZip(Budget.ratio(0.1)).stages(windowed)
+    # bad arguments are refused when the method is built, before any model loads
+    with pytest.raises(MethodError, match="variant='clip'; use one of auto, llm, vision"):
+        build_method("visionzip", Budget.ratio(0.1), {"variant": "clip"})
+    with pytest.raises(MethodError, match=r"contextual_ratio=1.0 must lie in \[0, 1\)"):
+        build_method("visionzip", Budget.ratio(0.1), {"contextual_ratio": "1"})
 
 
 def test_planted_cls_attention_tokens_are_dominant_and_unchanged():
@@ -92,19 +111,83 @@ def test_anchor_without_members_is_unchanged():
     torch.testing.assert_close(merged[0], hidden[0] + hidden[[1, 3]].mean(0))
 
 
-def test_qwen_units_use_received_attention_and_merge_per_patch():
+def test_vision_variant_on_qwen_uses_received_attention_and_merges_per_patch():
     gen = torch.Generator().manual_seed(1)
     n = 16
     received = torch.rand(n, generator=gen)
     received[[5, 9]] = 10.0
     hidden = torch.randn(n, 4, 6, generator=gen)  # (n, u=4, d_v)
     keys = torch.randn(n, 4, 2, 3, generator=gen)
-    method = VisionZip(Budget.tokens(3), contextual_ratio=0.34)  # 2 dominant + 1 contextual
-    decision = method.select(_spec(QWEN_7B), _inputs(hidden, {"received": received, "keys": keys}, 3, block=-1))
+    method = VisionZip(Budget.tokens(3), variant="vision", contextual_ratio=0.34)  # 2 dominant + 1 contextual
+    spec = _spec(QWEN_7B, "vision")
+    decision = method.select(spec, _inputs(hidden, {"received": received, "keys": keys}, 3, block=-1))
     assert decision.keep_index.tolist() == [0, 5, 9]
-    assert decision.vision_states.shape == (3, 4, 6)
+    assert decision.vision_states.shape == (3, 4, 6) and decision.states is None
     rest = [i for i in range(1, n) if i not in (5, 9)]
     torch.testing.assert_close(decision.vision_states[0], hidden[0] + hidden[rest].mean(0))
+
+
+def _port_reference(probs, patch_keys, embeds, dominant_num, contextual_num):
+    """The Qwen2.5-VL port's steps, one at a time (dvlab-research/VisionZip 68993a3,
+    ``Qwen2_5_VL/qwen2_5vl_visionzip.py``), written independently with plain loops.
+
+    probs (h, 4n, 4n): last-block softmax attention over the patches, token-major (patches 4i..4i+3 form
+    token i); patch_keys (h, 4n, hd): that block's keys; embeds (n, d): the merger's outputs.
+    Returns the kept token indices (ascending) and the states the LLM receives for them.
+    """
+    n = patch_keys.shape[1] // 4
+    # score: mean over heads, sum over queries, mean over each token's 4 patches
+    per_patch = probs.mean(dim=0).sum(dim=0)
+    score = [sum(per_patch[4 * i + j] for j in range(4)) / 4 for i in range(n)]
+    # key: mean over each token's 4 patches, then over heads
+    key = [patch_keys[:, 4 * i : 4 * i + 4].mean(dim=1).mean(dim=0) for i in range(n)]
+    dominant = sorted(range(n), key=lambda i: -float(score[i]))[:dominant_num]
+    rest = [i for i in range(n) if i not in dominant]  # raster order
+    step = max(1, len(rest) // contextual_num)
+    anchors = [rest[p] for p in range(0, len(rest), step)][:contextual_num]
+    members = {a: [] for a in anchors}
+    for m in rest:
+        if m in anchors:
+            continue
+        cosine = [float(key[m] @ key[a] / (key[m].norm() * key[a].norm())) for a in anchors]
+        members[anchors[cosine.index(max(cosine))]].append(m)
+    states = {i: embeds[i] for i in dominant}
+    for a in anchors:
+        merged = sum((embeds[m] for m in members[a]), torch.zeros_like(embeds[a]))
+        states[a] = embeds[a] + merged / max(1, len(members[a]))
+    kept = sorted(states)
+    return kept, torch.stack([states[i] for i in kept]), members
+
+
+def test_qwen_default_is_the_authors_port_step_by_step():
+    gen = torch.Generator().manual_seed(3)
+    n, h, hd, d = 64, 2, 4, 6
+    probs = (torch.randn(h, 4 * n, 4 * n, generator=gen) * 2).softmax(dim=-1)
+    patch_keys = torch.randn(h, 4 * n, hd, generator=gen)
+    embeds = torch.randn(n, d, generator=gen)
+    # tokbench's statistics of the same block: received = sum over heads, mean over queries, mean over
+    # the 4 patches (the port's ranking up to a constant); keys (n, u=4, h, hd)
+    received = probs.sum(dim=0).mean(dim=0).view(n, 4).mean(dim=1)
+    keys = patch_keys.transpose(0, 1).reshape(n, 4, h, hd)
+    vision_hidden = torch.randn(n, 4, 5, generator=gen)  # must not be used by the port
+    inputs = _inputs(vision_hidden, {"received": received, "keys": keys}, 16, block=-1, rows=8, embeds=embeds)
+    (spec,) = VisionZip(Budget.tokens(16)).stages(QWEN_7B)
+    inputs.vision_hidden = None  # the spec asks for no block outputs
+    decision = VisionZip(Budget.tokens(16)).select(spec, inputs)
+
+    # 16 of 64: the port's int(0.05 * 64) = 3 contextual, 13 dominant
+    kept, states, members = _port_reference(probs, patch_keys, embeds, 13, 3)
+    assert decision.keep_index.tolist() == kept
+    assert decision.vision_states is None
+    torch.testing.assert_close(decision.states, states)
+    # the test tells the variants apart: concatenated per-patch keys assign some member elsewhere
+    cat_keys = keys.mean(dim=2).flatten(1)
+    anchors = sorted(members)
+    moved = [
+        m for a in anchors for m in members[a]
+        if anchors[int((F.normalize(cat_keys[[m]], dim=-1) @ F.normalize(cat_keys[anchors], dim=-1).T).argmax())] != a
+    ]  # fmt: skip
+    assert moved
 
 
 @pytest.mark.parametrize("budget", [1, 7, 20, 36])
@@ -144,3 +227,28 @@ def test_end_to_end_counts_and_dominant_choice(name):
     stats = visual.extras["vision_attention"][block]
     score = stats["cls"].sum(0) if "cls" in stats else stats["received"]
     assert kept == sorted(score.topk(16).indices.tolist())
+
+
+def test_qwen_port_feeds_the_merged_llm_space_states_to_layer_0():
+    adapter = tiny_adapter("tiny-qwen2.5-vl")
+    image, question = noise_image(224, 224, seed=1), "Where is the red square?"
+    method = build_method("visionzip", Budget.tokens(16))
+    (spec,) = method.stages(adapter.info())
+    batch = adapter.preprocess([[image]], [question])
+    with torch.no_grad():
+        (visual,) = adapter.encode_images(batch, spec.vision_layers, spec.vision_attention)
+    n = visual.embeds.shape[0]
+    rows, cols = visual.grid_hw
+    rc = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    inputs = StageInputs(n, n, visual.grid_hw, rc, 16, visual_embeds=visual.embeds, extras=dict(visual.extras))
+    decision = method.select(spec, inputs)
+    seen = []
+    hook = adapter.layers[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        kwargs.get("hidden_states", args[0] if args else None).detach().clone()), with_kwargs=True)  # fmt: skip
+    try:
+        Engine(adapter, method).generate([[image]], [question], [0], 1)
+    finally:
+        hook.remove()
+    start = int((batch.input_ids[0] == adapter.image_token_id).nonzero()[0, 0])
+    torch.testing.assert_close(seen[0][0, start : start + 16], decision.states.to(seen[0].dtype))
+    assert not torch.allclose(decision.states, visual.embeds[decision.keep_index])  # some tokens were merged

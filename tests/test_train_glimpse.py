@@ -1,4 +1,5 @@
-"""GlimpsePrune training: the box mask rule, the official mask loss, learning through the engine, the saved layout."""
+"""GlimpsePrune training: the box mask rule, the official mask loss, learning through the engine, the saved layout
+(checkpoints the official loader can read, and official ones tokbench reads)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,55 @@ import torch
 from typer.testing import CliRunner
 
 from methods.glimpse_vip import GlimpseModules
+from methods.glimpseprune import default_config
 from tokbench.cli import app
 from tokbench.config import load_config
 from tokbench.models import load_model
 from tokbench.train.glimpse import GlimpseTrainConfig, GlimpseTrainer, box_mask, mask_loss, synth_examples
+
+# The attributes the official Qwen2_5_VL_GPConfig adds to Qwen2_5_VLConfig (transformers_gp/models/qwen2_5_vl/
+# configuration.py); its save_new_modules writes them with the whole model config.
+OFFICIAL_GP_KEYS = (
+    "selected_layers", "use_attention_logits", "attn_fuse_type", "attn_fuse_size", "attn_fuse_global",
+    "selected_visual_layers", "visual_cond_size", "attn_fuse_num_heads", "attn_fuse_hidden_act",
+    "ori_attn_supervision", "deep_supervision", "le_layers", "le_length", "le_dropout_prob", "le_norm_type",
+    "reduce_threshold", "use_ref_masks", "use_zero_masks", "reduce_layer", "anchor_positions", "min_remain_num",
+    "max_remain_ratio",
+)  # fmt: skip
+# Text settings transformers 4.51 (the official pin) reads from the top level of a Qwen2.5-VL config.
+FLAT_TEXT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "use_cache", "tie_word_embeddings", "use_sliding_window", "sliding_window", "max_window_layers",
+    "attention_dropout",
+)  # fmt: skip
+
+
+def _official_config(base: dict, modules: GlimpseModules) -> dict:
+    """config.json as the official save_new_modules writes it under transformers 4.51: the model config with
+    flat text settings and mrope rope_scaling, plus every GP attribute, model_type qwen2_5_vl_gp."""
+    text = base["text_config"]
+    out = {key: value for key, value in base.items() if key != "text_config"}
+    out.update({key: text[key] for key in FLAT_TEXT_KEYS})
+    rope = text["rope_parameters"]
+    out.update(rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    cfg = modules.cfg
+    gp = {"le_dropout_prob": 0.0, "use_ref_masks": False, "use_zero_masks": False, "rms_norm_eps": cfg.rms_norm_eps}
+    for key in OFFICIAL_GP_KEYS:
+        value = gp[key] if key in gp else getattr(cfg, key)
+        gp[key] = list(value) if isinstance(value, tuple) else value
+    return {**out, **gp, "model_type": "qwen2_5_vl_gp"}
+
+
+def _official_loader_shapes(config_path) -> tuple[dict, object]:
+    """What the official load_new_modules does with config.json: the model config class reads the whole
+    file. Returns the parameter shapes of a model built from it, and the config."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig.from_json_file(str(config_path))
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}, config
 
 
 def _rc(rows: int, cols: int) -> torch.Tensor:
@@ -77,12 +123,51 @@ def test_train_glimpse_writes_what_the_plugin_loads(tmp_path):
                                       "--batch-size", "2", "--out", str(out)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {"config.json", "new_modules_gp.pt"}
-    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl_gp"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl_gp" and set(OFFICIAL_GP_KEYS) <= set(config)
+    model = load_model("tiny-qwen2.5-vl-random", load_config().models, dtype="float32", device="cpu").model
+    shapes, official = _official_loader_shapes(out / "config.json")  # the official loader reads the whole file
+    assert shapes == {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    assert official.image_token_id == model.config.image_token_id and official.reduce_layer == 2
+    assert config["hidden_size"] == model.config.text_config.hidden_size  # the text settings at the top level too
     GlimpseModules.load(out)  # strict keys and shapes
     run = CliRunner().invoke(app, ["run", "--method", "glimpseprune", "--method-arg", f"weights={out}",
                                    "--model", "tiny-qwen2.5-vl-random", "--task", "vstar-synth", "--limit", "2",
                                    "--output", str(tmp_path / "runs")])  # fmt: skip
     assert run.exit_code == 0, run.output
+
+
+def test_checkpoints_round_trip_with_the_official_layout(tmp_path):
+    adapter = load_model("tiny-qwen2.5-vl-random", load_config().models, dtype="float32", device="cpu")
+    base = adapter.model.config.to_dict()
+    modules = GlimpseModules(default_config(adapter.info())).init_untrained(5)
+    official = json.loads(json.dumps(_official_config(base, modules)))  # as read back from the file
+    (tmp_path / "official").mkdir()
+    (tmp_path / "official" / "config.json").write_text(json.dumps(official))
+    torch.save(modules.official_state(), tmp_path / "official" / "new_modules_gp.pt")
+
+    # official checkpoint in
+    loaded = GlimpseModules.load(tmp_path / "official")
+    assert loaded.cfg == modules.cfg
+    for (name, a), (_, b) in zip(modules.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    # tokbench checkpoint out: every official key with its value, the same tensors under the same names
+    loaded.save(tmp_path / "ours")
+    ours = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert {key: ours.get(key) for key in official} == official
+    theirs = torch.load(tmp_path / "official" / "new_modules_gp.pt", weights_only=True)
+    again = torch.load(tmp_path / "ours" / "new_modules_gp.pt", weights_only=True)
+    shapes = {k: {n: t.shape for n, t in v.items()} if isinstance(v, dict) else v.shape for k, v in theirs.items()}
+    assert {k: {n: t.shape for n, t in v.items()} if isinstance(v, dict) else v.shape for k, v in again.items()} == shapes
+
+    # the official loader replaces the model config with the file: it must describe the same model
+    want = {name: tuple(p.shape) for name, p in adapter.model.state_dict().items()}
+    shapes, config = _official_loader_shapes(tmp_path / "ours" / "config.json")
+    assert shapes == want and config.image_token_id == base["image_token_id"] and config.selected_layers == [2]
+    flat = {key: value for key, value in ours.items() if key != "text_config"}  # what transformers 4.51 reads
+    (tmp_path / "flat.json").write_text(json.dumps(flat))
+    assert _official_loader_shapes(tmp_path / "flat.json")[0] == want
 
 
 def test_train_glimpse_refuses_unknown_data(tmp_path):

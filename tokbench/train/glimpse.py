@@ -134,6 +134,7 @@ class GlimpseTrainer:
         self.info = adapter.info()
         self.method = GlimpsePrune(Budget.full(), allow_untrained=True, seed=cfg.seed)
         self.modules = self.method.modules_for(self.info).to(adapter.device)
+        self.modules.base_config = adapter.model.config.to_dict()  # saved with the GP keys (official loader)
         adapter.model.requires_grad_(False)
         self.engine = Engine(adapter, self.method)
         (self.spec,) = self.engine.specs
@@ -186,6 +187,7 @@ class GlimpseTrainer:
         return {"loss": float(loss), **stats}
 
     def save(self, directory: Path) -> Path:
-        """``config.json`` + ``new_modules_gp.pt`` in the official layout (what the plugin loads)."""
+        """``config.json`` (the base model's config + the GP keys) + ``new_modules_gp.pt`` in the official
+        layout: what the plugin loads, and what the official ``load_new_modules`` loads (Qwen2.5-VL)."""
         self.method.save_weights(directory)
         return Path(directory)
