@@ -158,8 +158,8 @@ class CondAttention(nn.Module):
         self.o_proj = nn.Linear(size, size, bias=False)
         self.heads = heads
 
-    def forward(self, x, cond, cos, sin, mask):
-        """x (n, F), cond (n, C), cos/sin (n, hd), mask (n, n) bool or None -> (n, F)."""
+    def forward(self, x, cond, cos, sin, group):
+        """x (n, F), cond (n, C), cos/sin (n, hd), group (n,) long: tokens attend within their group -> (n, F)."""
         n = x.shape[0]
         qk_in = torch.cat([x, cond], dim=-1)
         q = self.q_proj(qk_in).view(n, self.heads, -1).float()  # (n, G, hd)
@@ -167,8 +167,39 @@ class CondAttention(nn.Module):
         v = self.v_proj(x).view(n, self.heads, -1)  # (n, G, F / G)
         q = (q * cos[:, None] + rotate_half(q) * sin[:, None]).to(x.dtype)  # 2-D vision RoPE
         k = (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(x.dtype)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+        out = grouped_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), group)
         return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Attention within groups without an (n, n) mask: q, k (h, n, e), v (h, n, e_v), group (n,) -> (h, n, e_v).
+
+    One group: plain SDPA. Several: tokens are sorted by group into a padded (groups, h, size, e) batch
+    with a key-padding mask, so memory is O(n * largest group) (the official code's per-window
+    ``cu_seqlens``). Example: group [0 1 0 1] -> batch [[t0 t2], [t1 t3]].
+    """
+    e_v = v.shape[-1]
+    if e_v < q.shape[-1]:  # equal head sizes let SDPA use its fused kernel (no (n, n) scores, on CPU too)
+        v = F.pad(v, (0, q.shape[-1] - e_v))
+    order = torch.argsort(group, stable=True)
+    _, counts = torch.unique_consecutive(group[order], return_counts=True)
+    if len(counts) == 1:
+        return F.scaled_dot_product_attention(q, k, v)[..., :e_v]
+    n_groups, size = len(counts), int(counts.max())
+    batch = torch.repeat_interleave(torch.arange(n_groups, device=q.device), counts)  # (n,) in sorted order
+    slot = torch.arange(len(order), device=q.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(n_groups, size, x.shape[0], x.shape[-1])
+        out[batch, slot] = x[:, order].transpose(0, 1)
+        return out.transpose(1, 2)  # (groups, h, size, e)
+
+    valid = torch.zeros(n_groups, size, dtype=torch.bool, device=q.device)
+    valid[batch, slot] = True
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=valid[:, None, None, :])
+    result = torch.empty(q.shape[0], len(order), e_v, dtype=out.dtype, device=out.device)
+    result[:, order] = out.transpose(1, 2)[batch, slot].transpose(0, 1)[..., :e_v]
+    return result
 
 
 class FuserLayer(nn.Module):
@@ -178,8 +209,8 @@ class FuserLayer(nn.Module):
         self.attn = CondAttention(size, cond, heads)
         self.mlp = MLP(size, size * 2, act)
 
-    def forward(self, x, cond, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cond, cos, sin, mask)
+    def forward(self, x, cond, cos, sin, group):
+        x = x + self.attn(self.norm1(x), cond, cos, sin, group)
         return x + self.mlp(self.norm2(x))
 
 
@@ -221,15 +252,15 @@ class VIP(nn.Module):
         Tokens attend within their own image (official per-image ``cu_seqlens``), and within their
         4x4 window of merged tokens when the Qwen fuser is not global.
         """
-        mask = image_id[:, None] == image_id[None, :]
+        group = image_id.long()
         if self.windowed:
-            window = token_rc // 4
-            mask = mask & (window[:, None] == window[None, :]).all(-1)
-        mask = None if bool(mask.all()) else mask[None]
+            window = token_rc.long() // 4
+            span = int(window.max()) + 1
+            group = (group * span + window[:, 0]) * span + window[:, 1]
         cos, sin = self.rope(token_rc)
         hidden = self.attn_in_proj(attn)  # (n, F)
         for cond_proj, layer, cond in zip(self.cond_in_projs, self.layers, conds):
-            hidden = layer(hidden, cond_proj(cond), cos, sin, mask)
+            hidden = layer(hidden, cond_proj(cond), cos, sin, group)
         return self.attn_out_projs[-1](hidden)[:, 0]
 
 

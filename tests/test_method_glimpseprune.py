@@ -258,3 +258,19 @@ def test_end_to_end_keeps_only_selected_tokens_everywhere(name):
             elif budget == Budget.ratio(0.25):
                 assert kept == round(0.25 * n)
             assert sample.tokens == again.tokens and sample.kept_index == again.kept_index
+
+
+def test_grouped_attention_equals_masked_attention():
+    """The VIP's within-group attention equals SDPA with the explicit (n, n) group mask, without building it."""
+    import torch
+    import torch.nn.functional as F
+
+    from methods.glimpse_vip import grouped_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 37, 8, generator=g), torch.randn(2, 37, 8, generator=g)
+    v = torch.randn(2, 37, 5, generator=g)
+    for group in (torch.zeros(37, dtype=torch.long), torch.randint(0, 6, (37,), generator=g)):
+        mask = group[:, None] == group[None, :]
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
+        assert torch.allclose(grouped_attention(q, k, v, group), expected, atol=1e-5)

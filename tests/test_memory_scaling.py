@@ -1,0 +1,34 @@
+"""Peak memory grows linearly with the visual-token count for every vision-stage and in-LLM method (no
+n x n map anywhere), measured on a narrow Qwen2.5-VL with the real vision-tower depth."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokbench import memory_scaling
+
+COUNTS = (1024, 2048)  # merged visual tokens; 4096 and 8192 patches through the 32-block tower
+
+
+@pytest.fixture(scope="module")
+def deep():
+    return memory_scaling.deep_tower_qwen(max(COUNTS))
+
+
+def test_every_vision_and_llm_stage_method_is_measured(deep):
+    names = memory_scaling.scaling_methods(deep)
+    assert {"visionzip", "vscan", "fastv", "pyramiddrop", "glimpseprune"} <= set(names)
+    assert "divprune" not in names  # embed stage: pairwise by design
+
+
+@pytest.mark.parametrize("name", ["full", "visionzip", "vscan", "fastv", "pyramiddrop", "glimpseprune"])
+def test_peak_memory_grows_linearly(deep, name):
+    method = memory_scaling._build(name, deep)
+    peaks = {n: memory_scaling.peak_mb(deep, method, n) for n in COUNTS}
+    assert peaks[COUNTS[0]] > 1.0
+    assert memory_scaling.growth(peaks) < 2.25, peaks  # an n x n term would push a doubling towards 4x
+
+
+def test_growth_flags_a_quadratic_term():
+    assert memory_scaling.growth({1024: 10.0, 2048: 20.0, 4096: 40.0}) == pytest.approx(2.0)
+    assert memory_scaling.growth({1024: 10.0, 2048: 20.0, 4096: 80.0}) == pytest.approx(4.0)
