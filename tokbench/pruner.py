@@ -259,6 +259,7 @@ _BUILTIN: dict[str, str] = {
     "glimpseprune": "methods.glimpseprune:GlimpsePrune",
     "divprune": "methods.divprune:DivPrune",
     "cdpruner": "methods.cdpruner:CDPruner",
+    "dart": "methods.dart:DART",
 }
 
 
