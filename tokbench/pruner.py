@@ -260,6 +260,7 @@ _BUILTIN: dict[str, str] = {
     "divprune": "methods.divprune:DivPrune",
     "cdpruner": "methods.cdpruner:CDPruner",
     "dart": "methods.dart:DART",
+    "vispruner": "methods.vispruner:VisPruner",
 }
 
 
