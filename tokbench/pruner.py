@@ -261,6 +261,7 @@ _BUILTIN: dict[str, str] = {
     "cdpruner": "methods.cdpruner:CDPruner",
     "dart": "methods.dart:DART",
     "vispruner": "methods.vispruner:VisPruner",
+    "sparsevlm": "methods.sparsevlm:SparseVLM",
 }
 
 
