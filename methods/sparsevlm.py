@@ -70,12 +70,12 @@ def density_peak_merge(states: torch.Tensor, clusters: int, noise: torch.Tensor)
     x = states.float()
     distance = torch.cdist(x, x) / x.shape[1] ** 0.5  # (N, N)
     nearest = distance.topk(clusters, dim=1, largest=False).values  # (N, k), self included
-    density = (-(nearest**2).mean(dim=1)).exp() + noise
+    density = (-(nearest**2).mean(dim=1)).exp() + noise.to(x.device)
     denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
     parent = torch.where(denser, distance, distance.max()).min(dim=1).values  # (N,)
     centres = (parent * density).topk(clusters).indices
     assign = distance[centres].argmin(dim=0)  # (N,) nearest centre
-    assign[centres] = torch.arange(clusters)
+    assign[centres] = torch.arange(clusters, device=x.device)
     sums = x.new_zeros(clusters, x.shape[1]).index_add_(0, assign, x)
     counts = torch.bincount(assign, minlength=clusters).float()
     return centres, sums / counts[:, None]
@@ -94,6 +94,8 @@ class SparseVLM:
     def stages(self, model: ModelInfo) -> list[StageSpec]:
         if self.budget.kind == "dynamic":
             raise MethodError("sparsevlm keeps a fixed schedule; pass --ratio, --budget or --method-arg counts=...")
+        if self.counts and self.budget != Budget.full():
+            raise MethodError("sparsevlm: pass either a budget (--ratio/--budget) or counts, not both")
         layers = sorted({min(round(l * model.n_layers / 32), model.n_layers - 2) for l in OFFICIAL_LAYERS})
         if self.counts and len(self._counts()) != len(layers):
             raise MethodError(f"sparsevlm: counts={self.counts!r} needs {len(layers)} values, one per sparse layer")
@@ -140,12 +142,12 @@ class SparseVLM:
             return KeepDecision(keep.sort().values.cpu(), scores=score)
         candidates = pruned[: int(0.3 * pruned.numel()) + 1]  # most relevant 30% of the pruned, + 1
         noise = torch.rand(candidates.numel(), generator=inputs.generator) * 1e-6
-        centres, merged = density_peak_merge(inputs.hidden_states[candidates.to(inputs.hidden_states.device)].cpu(), clusters, noise)
-        index = torch.cat([keep.cpu(), candidates.cpu()[centres]])
-        states = torch.cat([inputs.hidden_states[keep.to(inputs.hidden_states.device)].float().cpu(), merged])
+        hidden = inputs.hidden_states.to(score.device)  # (n, d)
+        centres, merged = density_peak_merge(hidden[candidates], clusters, noise)
+        index = torch.cat([keep, candidates[centres]])
+        states = torch.cat([hidden[keep].float(), merged])
         order = index.argsort()
-        return KeepDecision(index[order], states=states[order].to(inputs.hidden_states.dtype), scores=score)
-
+        return KeepDecision(index[order].cpu(), states=states[order].to(hidden.dtype), scores=score)
 
 def layer_schedule(n: int, budget_count: int, layers: list[int], n_layers: int) -> list[int]:
     """Totals after each sparse layer so that the layer-averaged count is ``budget_count``.

@@ -90,7 +90,7 @@ class VisPruner:
 
     def select(self, spec: StageSpec, inputs: StageInputs) -> KeepDecision:
         block = spec.vision_attention[0]
-        score = importance(inputs.extras["vision_attention"][block]).cpu()  # (n,)
+        score = importance(inputs.extras["vision_attention"][block])  # (n,)
         total = self.stage_count(spec, inputs)
         n_important = int(total * self.important_ratio)
         order = score.sort(descending=True, stable=True).indices
@@ -100,6 +100,6 @@ class VisPruner:
                 states = inputs.vision_hidden[spec.vision_layers[0]].float().mean(dim=1)  # (n, u, d_v) -> (n, d_v)
             else:
                 states = inputs.visual_embeds.float()  # (n, d)
-            features = F.normalize(states.cpu(), dim=-1)
+            features = F.normalize(states.to(score.device), dim=-1)
             keep = torch.cat([keep, remove_duplicates(features, order[n_important:], total - n_important)])
-        return KeepDecision(keep.sort().values, scores=score)
+        return KeepDecision(keep.sort().values.cpu(), scores=score)

@@ -36,6 +36,8 @@ def test_official_counts_recycle_on_top():
     assert [recycled(p) for p in (0, 1, 29, 30, 276, 109, 94)] == [0, 1, 1, 2, 9, 4, 3]
     assert method.plan(576, 576) == [(300, 309), (200, 204), (110, 113)]
     assert _layer_average(method.plan(576, 576), 576, [2, 6, 15], 32) == 206.5
+    with pytest.raises(MethodError, match="not both"):
+        SparseVLM(Budget.tokens(192), counts="300,200,110").stages(LLAVA_7B)
     with pytest.raises(MethodError, match="3 values"):
         SparseVLM(Budget.full(), counts="300,200").stages(LLAVA_7B)
 
