@@ -17,6 +17,7 @@ OFFLINE_ARGS = {
     "glimpseprune": {"allow_untrained": "true"},
     "cdpruner": {"relevance": "embeds"},
     "fastv": {"k": "1"},  # k=2 of 4 layers cannot average below 0.5
+    "dart": {"k": "1"},  # likewise
 }
 FAMILIES = ["tiny-qwen2.5-vl", "tiny-llava"]
 RATIO = 0.4  # reachable by every schedule on 4-layer models (PyramidDrop needs > its first stage)

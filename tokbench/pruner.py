@@ -355,6 +355,9 @@ _BUILTIN: dict[str, str] = {
     "glimpseprune": "methods.glimpseprune:GlimpsePrune",
     "divprune": "methods.divprune:DivPrune",
     "cdpruner": "methods.cdpruner:CDPruner",
+    "dart": "methods.dart:DART",
+    "vispruner": "methods.vispruner:VisPruner",
+    "sparsevlm": "methods.sparsevlm:SparseVLM",
 }
 
 
