@@ -11,7 +11,7 @@ every figure; a field that a row lacks or holds as null/NaN is left out of that 
   subsets, rows are resampled within each subset and the subset means averaged).
 - ``FIGURES``: one entry per figure (summary key, row field(s), mean / p50 / p90 / max).
 - ``ttft_basis``: what the time figures are: ``per sample, batch/b`` (rows that carry the batch
-  latency ``ttft_batch_ms`` beside the amortised ``ttft_ms``), ``batch`` (older rows, whose
+  latency ``ttft_batch_ms`` beside the amortised ``ttft_ms``), ``batch latency`` (older rows, whose
   ``ttft_ms`` is the batch latency), or ``mixed``.
 - ``paired``: documents scored by both, by ``doc_id``; ``acc_diff`` is the mean paired score
   difference (subset-macro as ``accuracy``) with its paired bootstrap CI; ``agreement`` is the
@@ -57,7 +57,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("peak_mem_mb", ("peak_mem_mb",), "max"),
     Figure("nvml_peak_mb", ("nvml_peak_mb",), "max"),
 )
-PER_SAMPLE, BATCH, MIXED = "per sample, batch/b", "batch", "mixed"
+PER_SAMPLE, BATCH, MIXED = "per sample, batch/b", "batch latency", "mixed"
 
 
 def present(value: Any) -> bool:

@@ -17,7 +17,7 @@ Baseline format (``write_baseline`` makes it from runs; one entry per (model, me
 
 Every figure is ``tokbench.report.aggregate``'s (so ``tokbench.aggregates``'), the run summary's.
 Older baselines name ``flops_ratio_llm`` ``flops_ratio`` and carry no ``ttft_basis``: their
-``ttft_ms`` was the batch latency (basis ``batch``).
+``ttft_ms`` was the batch latency (basis ``batch latency``).
       ]
     }
 

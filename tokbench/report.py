@@ -261,6 +261,7 @@ DISPLAY = {  # display column → its strings from ``aggregate``'s frame
     "FLOPs total": _number("flops_ratio_total", ".3f"),
     "bound": _number("speedup_bound", ".2f", suffix="x"),
     "TTFT ms": _number("ttft_ms", ".1f"),
+    "TTFT is": lambda t: t["ttft_basis"].fillna("—").astype(str),
     "p50": _number("ttft_p50_ms", ".1f"),
     "p90": _number("ttft_p90_ms", ".1f"),
     "TTFT batch ms": _number("ttft_batch_ms", ".1f"),
@@ -275,7 +276,7 @@ DISPLAY = {  # display column → its strings from ``aggregate``'s frame
 COMPACT = ("settings", "n", "acc", "diff vs full [95% CI]", "agree", "ret.", "FLOPs total", "FLOPs LLM", "TTFT ms",
            "speedup", "peak MB")  # fmt: skip
 # Dropped first, in this order, when a table must fit a width.
-FIT_DROP = ("agree", "FLOPs LLM", "FLOPs total", "peak MB", "ret.", "speedup", "diff vs full [95% CI]", "TTFT ms")
+FIT_DROP = ("agree", "TTFT is", "FLOPs LLM", "FLOPs total", "peak MB", "ret.", "speedup", "diff vs full [95% CI]", "TTFT ms")
 
 
 def display_frame(table: pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -295,7 +296,7 @@ def display_frame(table: pd.DataFrame, columns: Sequence[str] | None = None) -> 
 def caption(table: pd.DataFrame) -> str:
     """What the numbers are: points, CIs, agreement, and which TTFT the time columns hold."""
     bases = sorted(set(table["ttft_basis"].dropna()))
-    times = f"; times: {' | '.join(bases)}" if bases else ""
+    times = f"; times: {bases[0]}" if len(bases) == 1 else "; times: see 'TTFT is'" if bases else ""
     return f"acc and diff in points; CI: bootstrap 95%; agree: same answer as full{times}"
 
 
@@ -322,6 +323,8 @@ def rich_table(table: pd.DataFrame, title: str = "tokbench report", columns: Seq
         shown = shown.drop(columns=[c for c in shown.columns if c not in _GROUPABLE and _empty(shown[c])])
         if "FLOPs total" in shown:
             shown = shown.drop(columns="FLOPs LLM", errors="ignore")
+        if table["ttft_basis"].nunique() > 1:  # rows hold different TTFTs: say which, beside each
+            shown.insert(list(shown.columns).index("TTFT ms") + 1, "TTFT is", DISPLAY["TTFT is"](table).to_numpy())
 
     def build(frame: pd.DataFrame) -> Table:
         out = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, caption=caption(table))
