@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tokbench.cli import app
 from tokbench.aggregates import bootstrap_ci
+from tokbench.cli import app
 from tokbench.report import aggregate, budget_sort_key, report, to_latex, to_markdown
 from tokbench.store import RunStore, load_runs, make_run_id
 from tokbench.summary import summarize

@@ -11,7 +11,14 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from tokbench.aggregates import BATCH, PER_SAMPLE, aggregate, bootstrap_ci, normalize_prediction, paired
+from tokbench.aggregates import (
+    BATCH,
+    PER_SAMPLE,
+    aggregate,
+    bootstrap_ci,
+    normalize_prediction,
+    paired,
+)
 from tokbench.report import ReportError, report, rich_table
 from tokbench.store import RunStore, make_run_id
 from tokbench.summary import summarize, summary_table

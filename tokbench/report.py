@@ -45,7 +45,8 @@ import numpy as np
 import pandas as pd
 
 from tokbench import run_settings
-from tokbench.aggregates import FIGURES, N_BOOT, aggregate as aggregate_rows, bootstrap_ci, paired
+from tokbench.aggregates import FIGURES, N_BOOT, paired
+from tokbench.aggregates import aggregate as aggregate_rows
 
 DEFAULT_BY: tuple[str, ...] = ("method", "budget", "task")
 REFERENCE = "full"
