@@ -151,3 +151,11 @@ def test_checked_in_baseline_reads_with_the_new_field_names():
     assert verdicts["flops_ratio_llm"] == {"ok"} and verdicts["ttft_ms"] == {"not compared (TTFT basis differs)"}
     new[1]["metrics"]["flops_ratio_llm"] += 0.05
     assert compare(old, new, Tolerances())["failed"].sum() == 1
+
+
+def test_runs_of_one_cell_with_different_settings_are_refused(tmp_path):
+    write_runs(tmp_path / "b1", settings={"batch_size": 1})
+    write_runs(tmp_path / "b4", settings={"batch_size": 4})
+    result = cli.invoke(app, ["regress", str(tmp_path), "--write-baseline", str(tmp_path / "x.json")])
+    assert result.exit_code == 2
+    assert "full r1 vstar-synth with different settings (batch_size=1 vs batch_size=4)" in result.output

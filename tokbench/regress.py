@@ -126,7 +126,8 @@ def entries_from_runs(paths: Sequence[Path], n_boot: int = 2000, seed: int = 0) 
     twice = table[table.duplicated(list(KEYS), keep=False)]
     if not twice.empty:
         row = twice.iloc[0]
-        labels = " vs ".join(twice[(twice[list(KEYS)] == row[list(KEYS)]).all(axis=1)]["settings"].astype(str))
+        same = twice[(twice[list(KEYS)] == row[list(KEYS)]).all(axis=1)]
+        labels = " vs ".join("; ".join(p for p in (s, m) if p) for s, m in zip(same["settings"], same["method_settings"], strict=True))
         raise BaselineError(f"the runs hold {' '.join(str(row[k]) for k in KEYS)} with different settings ({labels}); "
                             "pass one set of runs")  # fmt: skip
     samples = samples.assign(device=samples["run_dir"].map(_devices(samples)))

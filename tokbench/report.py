@@ -350,13 +350,21 @@ def _align(shown: pd.DataFrame) -> tuple[str, ...]:
     return tuple("left" if c in _GROUPABLE or c == "settings" else "right" for c in shown.columns)
 
 
-def to_markdown(table: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+def _file_frame(table: pd.DataFrame, columns: Sequence[str] | None) -> pd.DataFrame:
+    """``display_frame`` for files: every ``DISPLAY`` column that holds a value somewhere, or ``columns``."""
     shown = display_frame(table, columns)
+    if columns is None:
+        shown = shown.drop(columns=[c for c in shown.columns if c not in _GROUPABLE and _empty(shown[c])])
+    return shown
+
+
+def to_markdown(table: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+    shown = _file_frame(table, columns)
     return shown.to_markdown(index=False, disable_numparse=True, colalign=_align(shown)) + "\n"
 
 
 def to_latex(table: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
-    shown = display_frame(table, columns)
+    shown = _file_frame(table, columns)
     shown.columns = [c.replace("%", "\\%") for c in shown.columns]
     shown = shown.apply(lambda col: col.str.replace("%", "\\%", regex=False).str.replace("_", "\\_", regex=False))
     column_format = "".join("l" if a == "left" else "r" for a in _align(shown))
