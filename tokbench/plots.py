@@ -11,7 +11,7 @@ per setting (``fastv (method_args.k=2)``).
 Kinds (``KINDS``): ``accuracy_retention`` (one line per method, ``full`` as a dashed reference line),
 ``ttft_retention``, ``pareto`` (accuracy vs TTFT: each method's budgets joined by a thin line,
 budget labels placed where they overlap no other label or point, with a leader line when moved
-away; the non-dominated points joined by a dashed step line), ``memory`` (horizontal peak-memory
+away; the non-dominated points ringed and joined by a dashed step line), ``memory`` (horizontal peak-memory
 bars, one labelled row per method and budget).
 """
 
@@ -161,8 +161,8 @@ def _ttft_label(table: pd.DataFrame) -> str:
 def _pareto(ax, table: pd.DataFrame) -> None:
     points = table.assign(acc=table["accuracy"] * 100)
     front = pareto_front(points, "ttft_ms", "acc")
-    ax.step(front["ttft_ms"], front["acc"], where="post", color="#444444", linestyle="--", linewidth=1.2,
-            label="Pareto front", zorder=1)  # fmt: skip
+    ax.step(front["ttft_ms"], front["acc"], where="post", color="#444444", linestyle="--", linewidth=1.2, marker="o",
+            markersize=12, markerfacecolor="none", markeredgewidth=0.8, label="Pareto front", zorder=2)  # fmt: skip
     full = points[points["method"] == REFERENCE]
     colour, marker = method_style(REFERENCE)
     ax.scatter(full["ttft_ms"], full["acc"], color=colour, marker=marker, s=80, label=REFERENCE, zorder=3)
