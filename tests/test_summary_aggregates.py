@@ -86,9 +86,10 @@ def test_fields_are_table_driven_and_older_rows_are_read():
 
 def test_errors_counted_and_left_out_and_judged_rows_counted():
     rows = [{"doc_id": 0, "score": 1.0, "judge": "exact"}, {"doc_id": 1, "score": None, "judge": None},
-            {"doc_id": 2, "score": 0.0, "error": "RuntimeError: boom", "judge": None}]  # fmt: skip
+            {"doc_id": 2, "score": 0.0, "error": "RuntimeError: boom", "judge": None},
+            {"doc_id": 3, "score": None, "judge": float("nan")}]  # a row of an unjudged run, read through pandas
     summary = aggregate(rows)
-    assert (summary["n"], summary["n_errors"], summary["n_unscored"], summary["accuracy"]) == (3, 1, 1, 1.0)
+    assert (summary["n"], summary["n_errors"], summary["n_unscored"], summary["accuracy"]) == (4, 1, 1, 1.0)
 
 
 def test_summary_table_labels_the_ttft_and_the_subset_mean():

@@ -168,8 +168,9 @@ def aggregate(rows: list[dict[str, Any]], n_boot: int = N_BOOT, seed: int = 0) -
     ``ttft_basis``. Values are plain floats/ints/str or None (JSON-ready)."""
     ok = [r for r in rows if not failed(r)]
     out: dict[str, Any] = {"n": len(rows), "n_errors": len(rows) - len(ok)}
-    if any("judge" in r and (r["judge"] is None or present(r["judge"])) for r in ok):
-        out["n_unscored"] = sum(1 for r in ok if not present(r.get("score")))
+    judged = [r for r in ok if "judge" in r and (r["judge"] is None or present(r["judge"]))]  # NaN: a padded column
+    if judged:
+        out["n_unscored"] = sum(1 for r in judged if not present(r.get("score")))
     out.update(_accuracy(ok, n_boot, seed))
     for figure in FIGURES:
         out[figure.key] = _reduce([v for r in ok if (v := _field(r, figure.fields)) is not None], figure.how)

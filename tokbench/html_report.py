@@ -157,7 +157,7 @@ def build(paths: Sequence[Path], out_dir: Path, n_boot: int = 1000) -> tuple[Pat
     figures, notes = plot_table(table, out_dir / "plots", formats=("png",))
     thumbs, questions, failed = _thumbnails(samples, out_dir)
     notes += failed
-    report = display_frame(table).to_html(index=False, classes="sortable", table_id="report", border=0)
+    report = display_frame(table, drop_empty=True).to_html(index=False, classes="sortable", table_id="report", border=0)
     images = "".join(f'<img src="plots/{p.name}" alt="{p.stem}">' for p in figures)
     runs = "".join(f"<li>{html.escape(d)}</li>" for d in samples["run_dir"].unique())
     page = (

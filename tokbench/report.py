@@ -280,9 +280,10 @@ COMPACT = ("settings", "n", "acc", "diff vs full [95% CI]", "agree", "ret.", "FL
 FIT_DROP = ("agree", "TTFT is", "FLOPs LLM", "FLOPs total", "peak MB", "ret.", "speedup", "diff vs full [95% CI]", "TTFT ms")
 
 
-def display_frame(table: pd.DataFrame, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def display_frame(table: pd.DataFrame, columns: Sequence[str] | None = None, drop_empty: bool = False) -> pd.DataFrame:
     """The human view of ``aggregate``'s frame: the grouping columns, then ``columns`` of ``DISPLAY``
-    (all by default) as formatted strings; accuracy in points (100 x score)."""
+    (all by default) as formatted strings; accuracy in points (100 x score). ``drop_empty`` leaves
+    out columns without a value in any row."""
     columns = list(DISPLAY) if columns is None else list(columns)
     unknown = [c for c in columns if c not in DISPLAY]
     if unknown:
@@ -291,6 +292,8 @@ def display_frame(table: pd.DataFrame, columns: Sequence[str] | None = None) -> 
     shown = pd.DataFrame({c: table[c].astype(str) for c in by})
     for column in columns:
         shown[column] = DISPLAY[column](table) if len(table) else pd.Series(dtype=str)
+    if drop_empty:
+        shown = shown.drop(columns=[c for c in columns if _empty(shown[c])])
     return shown
 
 
@@ -315,13 +318,12 @@ def rich_table(table: pd.DataFrame, title: str = "tokbench report", columns: Seq
     from rich.table import Table
 
     compact = columns is None
-    shown = display_frame(table, COMPACT if compact else columns)
+    shown = display_frame(table, COMPACT if compact else columns, drop_empty=compact)
     constant = [c for c in shown.columns if c in _GROUPABLE and c not in ("method", "budget") and shown[c].nunique() == 1]
     if constant:
         title = f"{title}: " + " · ".join(shown[c].iloc[0] for c in constant)
     shown = shown.drop(columns=constant)
     if compact:
-        shown = shown.drop(columns=[c for c in shown.columns if c not in _GROUPABLE and _empty(shown[c])])
         if "FLOPs total" in shown:
             shown = shown.drop(columns="FLOPs LLM", errors="ignore")
         if table["ttft_basis"].nunique() > 1:  # rows hold different TTFTs: say which, beside each
@@ -350,21 +352,13 @@ def _align(shown: pd.DataFrame) -> tuple[str, ...]:
     return tuple("left" if c in _GROUPABLE or c == "settings" else "right" for c in shown.columns)
 
 
-def _file_frame(table: pd.DataFrame, columns: Sequence[str] | None) -> pd.DataFrame:
-    """``display_frame`` for files: every ``DISPLAY`` column that holds a value somewhere, or ``columns``."""
-    shown = display_frame(table, columns)
-    if columns is None:
-        shown = shown.drop(columns=[c for c in shown.columns if c not in _GROUPABLE and _empty(shown[c])])
-    return shown
-
-
 def to_markdown(table: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
-    shown = _file_frame(table, columns)
+    shown = display_frame(table, columns, drop_empty=columns is None)
     return shown.to_markdown(index=False, disable_numparse=True, colalign=_align(shown)) + "\n"
 
 
 def to_latex(table: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
-    shown = _file_frame(table, columns)
+    shown = display_frame(table, columns, drop_empty=columns is None)
     shown.columns = [c.replace("%", "\\%") for c in shown.columns]
     shown = shown.apply(lambda col: col.str.replace("%", "\\%", regex=False).str.replace("_", "\\_", regex=False))
     column_format = "".join("l" if a == "left" else "r" for a in _align(shown))
