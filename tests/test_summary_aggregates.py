@@ -204,3 +204,12 @@ def test_columns_and_fitting_a_width(tmp_path):
         assert Console(width=1000).measure(rich_table(table, width=width)).maximum <= width
     with pytest.raises(ReportError, match="unknown column"):
         rich_table(table, columns=["colour"])
+
+
+def test_two_full_rows_for_one_row_are_refused(tmp_path):
+    write_run(tmp_path, _scores([1, 1]), seed=0)
+    write_run(tmp_path, _scores([1, 0]), seed=1)
+    write_run(tmp_path, _scores([1, 0]), method="random", ratio=0.5)
+    assert report([tmp_path])["runs"].tolist() == [2, 1]  # seeds of full pooled into one reference
+    with pytest.raises(ReportError, match="more than one 'full' row for task=visual_cot; narrow the runs or --by"):
+        report([tmp_path], by=("method", "budget", "task", "run_id"))
