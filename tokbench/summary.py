@@ -61,7 +61,7 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
         if key == "accuracy" and value is not None and summary.get("acc_ci_low") is not None:
             text += f" [{summary['acc_ci_low']:.4f}, {summary['acc_ci_high']:.4f}]"
             label += ", 95% CI" + (" (unweighted mean over subsets)" if "accuracy_micro" in summary else "")
-        if key in ("ttft_ms", "ttft_p50_ms", "ttft_p90_ms", "e2e_ms") and basis:
+        if key in ("ttft_ms", "ttft_p50_ms", "ttft_p90_ms", "e2e_ms", "decode_ms_per_token") and basis:
             label = f"{label}, {basis}"
         if key == "peak_mem_mb" and summary.get("peak_mem_source"):
             label = f"{label}, {summary['peak_mem_source']}"
