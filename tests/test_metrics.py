@@ -254,7 +254,7 @@ def test_summarize_and_table():
     assert summary["retention"] == 0.5
     assert summary["ttft_ms"] == 20.0
     assert summary["ttft_p50_ms"] == 20.0 and summary["ttft_p90_ms"] == pytest.approx(28.0)
-    assert summary["peak_mem_mb"] == 7.0 and summary["flops_ratio"] == pytest.approx(0.4)
+    assert summary["peak_mem_mb"] == 7.0 and summary["flops_ratio_llm"] == pytest.approx(0.4)  # an older row's flops_ratio
     assert summary["retention_input"] is None
     from rich.console import Console
 

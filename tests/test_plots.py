@@ -60,3 +60,52 @@ def test_cli_plot(runs, tmp_path):
     assert (tmp_path / "memory.pdf").stat().st_size > 0
     result = cli.invoke(app, ["plot", str(runs), "--out", str(tmp_path), "--kinds", "pie"])
     assert result.exit_code == 2 and "unknown figure kind" in result.output
+
+
+def _drawn(kind, runs, tmp_path):
+    """The axes of one figure kind, drawn as plot_table draws it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tokbench.plots import DRAW
+    from tokbench.report import report
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    DRAW[kind](ax, report([runs]))
+    fig.canvas.draw()
+    return ax
+
+
+def test_pareto_labels_never_overlap_and_the_front_has_a_line(tmp_path):
+    scores = {("full", 1.0): [1] * 8, **{(m, r): [1, 0] * 4 for m in ("random", "pool", "fastv", "vscan") for r in (0.1, 0.25, 0.5)}}
+    runs = write_runs(tmp_path / "runs", scores)  # every method at one TTFT per budget: the crowded case
+    ax = _drawn("pareto", runs, tmp_path)
+    renderer = ax.figure.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+    assert len(boxes) >= 6 and {t.get_text() for t in ax.texts} <= {"r0.1", "r0.25", "r0.5"}
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert all(t.arrow_patch is not None for t in ax.texts)  # a leader line to its point
+    handles, labels = ax.get_legend_handles_labels()
+    front = handles[labels.index("Pareto front")]
+    assert front.get_linestyle() not in ("None", "", " ") and front.get_linewidth() > 0
+    assert "per sample, batch/b" in ax.get_xlabel()
+
+
+def test_memory_bars_are_labelled_one_row_each(runs, tmp_path):
+    ax = _drawn("memory", runs, tmp_path)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["full", "pool  r0.25", "random  r0.25", "random  r0.5"]
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_runs_with_different_settings_get_separate_figures(tmp_path):
+    write_runs(tmp_path / "runs" / "b1", settings={"batch_size": 1})
+    write_runs(tmp_path / "runs" / "b4", settings={"batch_size": 4}, seed=1)
+    written, _ = plot([tmp_path / "runs"], tmp_path / "fig", kinds=["ttft_retention"], formats=["png"])
+    assert sorted(p.name for p in written) == ["ttft_retention__batch_size=1.png", "ttft_retention__batch_size=4.png"]

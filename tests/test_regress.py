@@ -132,3 +132,30 @@ def test_parse_fraction():
     assert parse_fraction("10%") == pytest.approx(0.1) and parse_fraction("0.25") == 0.25
     with pytest.raises(ValueError):
         parse_fraction("-1")
+
+
+def test_checked_in_baseline_reads_with_the_new_field_names():
+    """results/baselines/canary-*.json predates flops_ratio_llm and ttft_basis: its flops_ratio is the
+    LLM ratio and its ttft_ms a batch latency, so TTFT is not compared with per-sample TTFT."""
+    from pathlib import Path
+
+    old = load_baseline(Path(__file__).parents[1] / "results/baselines/canary-tiny-qwen2.5-vl.json")
+    new = json.loads(json.dumps(old))
+    for entry in new:
+        entry["metrics"]["flops_ratio_llm"] = entry["metrics"].pop("flops_ratio")
+        entry["metrics"]["ttft_ms"] /= 10  # per sample at batch 10
+        entry["ttft_basis"] = "per sample, batch/b"
+    table = compare(old, new, Tolerances(timing="on"))
+    assert not table["failed"].any()
+    verdicts = table.groupby("metric")["verdict"].agg(set)
+    assert verdicts["flops_ratio_llm"] == {"ok"} and verdicts["ttft_ms"] == {"not compared (TTFT basis differs)"}
+    new[1]["metrics"]["flops_ratio_llm"] += 0.05
+    assert compare(old, new, Tolerances())["failed"].sum() == 1
+
+
+def test_runs_of_one_cell_with_different_settings_are_refused(tmp_path):
+    write_runs(tmp_path / "b1", settings={"batch_size": 1})
+    write_runs(tmp_path / "b4", settings={"batch_size": 4})
+    result = cli.invoke(app, ["regress", str(tmp_path), "--write-baseline", str(tmp_path / "x.json")])
+    assert result.exit_code == 2
+    assert "full r1 vstar-synth with different settings (batch_size=1 vs batch_size=4)" in result.output

@@ -116,7 +116,7 @@ def test_sweep_report_has_one_row_per_method_budget_full_at_100(swept):
     assert full["acc_rel_full_pct"] == pytest.approx(100.0)
     assert full["retention"] == full["retention_input"] == pytest.approx(1.0)
     assert all(r["n"] == 4 and r["n_errors"] == 0 for r in rows)
-    assert all(r["retention"] < 1 and r["flops_ratio"] < 1 for r in rows[1:])
+    assert all(r["retention"] < 1 and r["flops_ratio_llm"] < 1 for r in rows[1:])
 
 
 def test_second_sweep_skips_every_cell(swept):

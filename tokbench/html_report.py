@@ -147,7 +147,7 @@ def _filters(samples: pd.DataFrame) -> str:
 def build(paths: Sequence[Path], out_dir: Path, n_boot: int = 1000) -> tuple[Path, list[str]]:
     """Write the report for the runs under ``paths`` into ``out_dir``; returns (index.html, notes)."""
     from tokbench.plots import plot_table
-    from tokbench.report import aggregate, display_frame
+    from tokbench.report import aggregate, caption, display_frame
     from tokbench.store import load_runs
 
     out_dir = Path(out_dir)
@@ -157,7 +157,7 @@ def build(paths: Sequence[Path], out_dir: Path, n_boot: int = 1000) -> tuple[Pat
     figures, notes = plot_table(table, out_dir / "plots", formats=("png",))
     thumbs, questions, failed = _thumbnails(samples, out_dir)
     notes += failed
-    report = display_frame(table).to_html(index=False, classes="sortable", table_id="report", border=0)
+    report = display_frame(table, drop_empty=True).to_html(index=False, classes="sortable", table_id="report", border=0)
     images = "".join(f'<img src="plots/{p.name}" alt="{p.stem}">' for p in figures)
     runs = "".join(f"<li>{html.escape(d)}</li>" for d in samples["run_dir"].unique())
     page = (
@@ -165,7 +165,7 @@ def build(paths: Sequence[Path], out_dir: Path, n_boot: int = 1000) -> tuple[Pat
         f"<style>{_STYLE}</style></head><body>"
         "<script>window.addEventListener('error',()=>{document.body.dataset.errors=(+(document.body.dataset.errors||0))+1;});</script>"
         f"<h1>tokbench report</h1><details><summary>{samples['run_dir'].nunique()} runs</summary><ul>{runs}</ul></details>"
-        f"<h2>Results</h2>{report}<h2>Figures</h2><div class=\"figures\">{images}</div>"
+        f"<h2>Results</h2><p>{html.escape(caption(table))}</p>{report}<h2>Figures</h2><div class=\"figures\">{images}</div>"
         f"<h2>Samples</h2>{_filters(samples)}{_gallery(samples, thumbs, questions)}"
         f"<script>{_SCRIPT}</script></body></html>"
     )

@@ -10,9 +10,14 @@ Baseline format (``write_baseline`` makes it from runs; one entry per (model, me
       "entries": [
         {"model": "tiny-qwen2.5-vl", "method": "random", "budget": "r0.25", "task": "vstar-synth",
          "n": 8, "device": "NVIDIA H100 80GB HBM3", "peak_mem_source": "cuda_allocator",
+         "ttft_basis": "per sample, batch/b", "settings": "",
          "metrics": {"accuracy": 0.375, "accuracy_ci_halfwidth": 0.375, "retention": 0.25,
-                     "flops_ratio": 0.31, "ttft_ms": 21.4, "ttft_p90_ms": 23.0, "speedup": 1.8,
-                     "peak_mem_mb": 611.0}}
+                     "flops_ratio_llm": 0.31, "flops_ratio_total": 0.35, "ttft_ms": 21.4,
+                     "ttft_p90_ms": 23.0, "speedup": 1.8, "peak_mem_mb": 611.0}}
+
+Every figure is ``tokbench.report.aggregate``'s (so ``tokbench.aggregates``'), the run summary's.
+Older baselines name ``flops_ratio_llm`` ``flops_ratio`` and carry no ``ttft_basis``: their
+``ttft_ms`` was the batch latency (basis ``batch latency``).
       ]
     }
 
@@ -20,12 +25,13 @@ Verdicts, per metric (``CHECKS``):
 
 - ``accuracy`` (higher is better, absolute): regressed when it drops by more than ``tol_acc`` points
   plus the 95% CI half-width (the larger of baseline's and current's), so small tasks do not flap;
-- ``retention``, ``flops_ratio`` (deterministic for a method and budget): "changed" when they move by
+- ``retention``, ``flops_ratio_llm``, ``flops_ratio_total`` (deterministic for a method and budget): "changed" when they move by
   more than ``tol_retention`` either way, a failure: the benchmark no longer measures the same thing;
 - ``ttft_ms``, ``ttft_p90_ms``, ``speedup``, ``peak_mem_mb`` (device figures, relative): regressed when
   worse by more than ``tol_ttft`` (``tol_mem`` for memory). They are only compared when baseline and
   current ran on the same device (``timing="auto"``), and peak memory only when it is a per-batch
-  allocator figure (not the CPU's process-lifetime RSS).
+  allocator figure (not the CPU's process-lifetime RSS); TTFT only when both hold the same TTFT
+  (``ttft_basis``: per sample, batch/b, or the batch latency).
 
 A baseline cell that the current runs lack is "missing" (a failure unless ``allow_missing``); a current
 cell the baseline lacks is "new".
@@ -43,6 +49,7 @@ from typing import Any
 
 import pandas as pd
 
+from tokbench.aggregates import BATCH
 from tokbench.report import aggregate, budget_sort_key
 
 FORMAT_VERSION = 1
@@ -60,12 +67,14 @@ class Check:
     scale: str  # "points" (absolute, x100) | "absolute" | "relative"
     tolerance: str  # which Tolerances field applies
     device: bool = False  # a figure of the hardware: compared only on the same device
+    aliases: tuple[str, ...] = ()  # the metric's name in older baselines
 
 
 CHECKS = (
     Check("accuracy", "higher", "points", "acc_pts"),
     Check("retention", "same", "absolute", "retention"),
-    Check("flops_ratio", "same", "absolute", "retention"),
+    Check("flops_ratio_llm", "same", "absolute", "retention", aliases=("flops_ratio",)),
+    Check("flops_ratio_total", "same", "absolute", "retention"),
     Check("ttft_ms", "lower", "relative", "ttft", device=True),
     Check("ttft_p90_ms", "lower", "relative", "ttft", device=True),
     Check("speedup", "higher", "relative", "ttft", device=True),
@@ -114,6 +123,13 @@ def entries_from_runs(paths: Sequence[Path], n_boot: int = 2000, seed: int = 0) 
     if samples.empty:
         raise BaselineError(f"no samples under {', '.join(map(str, paths))}")
     table = aggregate(samples, KEYS, n_boot, seed)
+    twice = table[table.duplicated(list(KEYS), keep=False)]
+    if not twice.empty:
+        row = twice.iloc[0]
+        same = twice[(twice[list(KEYS)] == row[list(KEYS)]).all(axis=1)]
+        labels = " vs ".join("; ".join(p for p in (s, m) if p) for s, m in zip(same["settings"], same["method_settings"], strict=True))
+        raise BaselineError(f"the runs hold {' '.join(str(row[k]) for k in KEYS)} with different settings ({labels}); "
+                            "pass one set of runs")  # fmt: skip
     samples = samples.assign(device=samples["run_dir"].map(_devices(samples)))
     devices = samples.groupby(list(KEYS), sort=False)["device"].agg(lambda s: ",".join(sorted(set(s.dropna()))) or None)
     entries = []
@@ -122,7 +138,8 @@ def entries_from_runs(paths: Sequence[Path], n_boot: int = 2000, seed: int = 0) 
         metrics["accuracy_ci_halfwidth"] = _number((row["acc_ci_high"] - row["acc_ci_low"]) / 2)
         key = tuple(row[k] for k in KEYS)
         entries.append({**{k: row[k] for k in KEYS}, "n": int(row["n"]), "device": devices.get(key),
-                        "peak_mem_source": row["peak_mem_source"], "metrics": metrics})  # fmt: skip
+                        "peak_mem_source": row["peak_mem_source"], "ttft_basis": row["ttft_basis"],
+                        "settings": row["settings"], "metrics": metrics})  # fmt: skip
     return entries
 
 
@@ -214,6 +231,11 @@ def _fmt_value(check: Check, value: float | None, halfwidth: float | None = None
 FAILING = ("REGRESSED", "CHANGED", "missing")
 
 
+def _metric(entry: dict[str, Any], check: Check) -> float | None:
+    metrics = entry["metrics"]
+    return next((metrics[name] for name in (check.metric, *check.aliases) if metrics.get(name) is not None), None)
+
+
 def compare(baseline: list[dict[str, Any]], current: list[dict[str, Any]], tol: Tolerances) -> pd.DataFrame:
     """One row per (cell, metric): cell, metric, baseline, current, delta, verdict (+ ``failed``)."""
     now = {tuple(e[k] for k in KEYS): e for e in current}
@@ -229,8 +251,9 @@ def compare(baseline: list[dict[str, Any]], current: list[dict[str, Any]], tol: 
                          "current": "present" if cur else "—", "delta": "", "verdict": verdict})  # fmt: skip
             continue
         same_device = base.get("device") == cur.get("device")
+        same_ttft = base.get("ttft_basis", BATCH) == cur.get("ttft_basis", BATCH)
         for check in CHECKS:
-            b, c = base["metrics"].get(check.metric), cur["metrics"].get(check.metric)
+            b, c = _metric(base, check), _metric(cur, check)
             b_hw, c_hw = base["metrics"].get("accuracy_ci_halfwidth"), cur["metrics"].get("accuracy_ci_halfwidth")
             row = {"cell": cell, "metric": check.metric, "baseline": _fmt_value(check, b, b_hw),
                    "current": _fmt_value(check, c, c_hw), "delta": ""}  # fmt: skip
@@ -238,6 +261,8 @@ def compare(baseline: list[dict[str, Any]], current: list[dict[str, Any]], tol: 
                 row["verdict"] = "n/a"
             elif check.device and (tol.timing == "off" or (tol.timing == "auto" and not same_device)):
                 row["verdict"] = "not compared (timing off)" if tol.timing == "off" else "not compared (other device)"
+            elif check.metric in ("ttft_ms", "ttft_p90_ms") and not same_ttft:
+                row["verdict"] = "not compared (TTFT basis differs)"
             elif check.metric == "peak_mem_mb" and "cuda" not in str(cur.get("peak_mem_source") or ""):
                 row["verdict"] = "not compared (process RSS)"
             else:
