@@ -34,7 +34,7 @@ def test_run_writes_samples_and_manifest(tmp_path, model):
         assert row["retention_input"] == pytest.approx(16 / row["n_visual"])
         assert row["kept_per_layer"] == [16] * len(row["kept_per_layer"])
         assert row["score"] in (0.0, 1.0)
-        assert row["ttft_ms"] > 0 and 0 < row["flops_ratio"] < 1
+        assert row["ttft_ms"] > 0 and 0 < row["flops_ratio_llm"] < 1 and row["flops_ratio_total"] > 0
         assert row["batch_size"] == 2 and row["model"] == model and row["method"] == "random"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["config"]["method"] == "random" and manifest["config"]["budget"] == 16

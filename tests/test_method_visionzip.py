@@ -224,6 +224,7 @@ def test_end_to_end_counts_and_dominant_choice(name):
     block = adapter.info().vision_feature_layer
     with torch.no_grad():
         (visual,) = adapter.encode_images(adapter.preprocess([[image]], [question]), (), (block,))
+        adapter.vision_attention([visual])
     stats = visual.extras["vision_attention"][block]
     score = stats["cls"].sum(0) if "cls" in stats else stats["received"]
     assert kept == sorted(score.topk(16).indices.tolist())
@@ -237,6 +238,7 @@ def test_qwen_port_feeds_the_merged_llm_space_states_to_layer_0():
     batch = adapter.preprocess([[image]], [question])
     with torch.no_grad():
         (visual,) = adapter.encode_images(batch, spec.vision_layers, spec.vision_attention)
+        adapter.vision_attention([visual])
     n = visual.embeds.shape[0]
     rows, cols = visual.grid_hw
     rc = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)

@@ -12,6 +12,7 @@ def test_clip_cls_row_and_received_match_eager():
     batch = adapter.preprocess([[noise_image(448, 336)], [noise_image(224, 224, seed=1)]], ["a", "b"])
     with torch.no_grad():
         tokens = adapter.encode_images(batch, (), (-2,))
+        adapter.vision_attention(tokens)
         ref = adapter.model.model.vision_tower(
             batch.model_inputs["pixel_values"], output_attentions=True, return_dict=True
         ).attentions[-2]  # (b, h, 1+n, 1+n)
@@ -40,6 +41,7 @@ def test_qwen_received_matches_the_towers_own_inputs():
     try:
         with torch.no_grad():
             (visual,) = adapter.encode_images(batch, (), (block,))
+            adapter.vision_attention([visual])
     finally:
         handle.remove()
     x = seen["x"]
@@ -59,3 +61,15 @@ def test_window_block_is_refused():
     window_block = next(i for i in range(len(adapter.vision_tower.blocks)) if i not in adapter.vision_tower.fullatt_block_indexes)
     with pytest.raises(ValueError, match="window attention"):
         adapter.encode_images(batch, (), (window_block,))
+
+
+def test_tower_keeps_only_the_blocks_asked_for(adapter):
+    """Block states come from hooks on the chosen blocks; the statistics replace the kept block inputs."""
+    batch = adapter.preprocess([[noise_image(224, 224)]], ["a"])
+    block = adapter.info().vision_full_attention[-1]
+    with torch.no_grad():
+        (visual,) = adapter.encode_images(batch, (0,), (block,))
+    assert set(visual.vision_hidden) == {0} and set(visual.extras["block_inputs"]) == {block}
+    with torch.no_grad():
+        adapter.vision_attention([visual])
+    assert "block_inputs" not in visual.extras and set(visual.extras["vision_attention"]) == {block}
