@@ -99,27 +99,48 @@ def run(
     config: RunConfig,
     aliases: dict[str, str],
     on_batch: Callable[[int, int], None] | None = None,
+    wait: bool = False,
 ) -> RunResult:
     """Execute ``config``; ``on_batch(done, total)`` reports progress.
 
+    The run directory is locked for the whole run (``tokbench.runlock``): a second run into it raises
+    ``RunLockedError`` naming the holder, or with ``wait`` starts when the holder finishes. A full output
+    disk raises ``DiskFullError`` before the model loads, or mid-run with every finished batch kept.
+
     Under ``accelerate launch`` (several processes) each rank takes every world-size-th remaining
     document and writes its own shard; the main process merges the shards into one run and returns
-    the summary (the other ranks return ``summary=None``).
+    the summary (the other ranks return ``summary=None``). Rank 0 holds the lock for all of them.
     """
-    from tokbench.engine import Engine
-    from tokbench.models import load_model
-    from tokbench.store import RunStore, make_run_id
+    from tokbench.runlock import RunLock
+    from tokbench.store import RunStore, make_run_id, probe_output_dir
 
     method, task = validate(config)
+    probe_output_dir(Path(config.output))
     identity = config.identity()
     run_id = make_run_id(
         {**identity, "method_config": method_config(method), "budget_label": method.budget.label()}
     )
     store = RunStore(Path(config.output), run_id)
     state = _distributed_state()
+    rank = state.process_index if state else 0
+    with RunLock(store.path, wait=wait) if rank == 0 else contextlib.nullcontext():
+        return _run_locked(config, aliases, on_batch, method, task, store, state)
+
+
+def _run_locked(config: RunConfig, aliases, on_batch, method, task, store, state) -> RunResult:
+    """``run`` once the run directory is this process's: open or resume, generate, summarise, judge."""
+    from tokbench.engine import Engine
+    from tokbench.fingerprint import data_fingerprint
+    from tokbench.models import load_model
+    from tokbench.store import RunStore
+
+    identity, run_id = config.identity(), store.run_id
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     if rank == 0:
-        store.open({**identity, "method_config": method_config(method), "task_version": task.version})
+        store.open(
+            {**identity, "method_config": method_config(method), "task_version": task.version},
+            data=data_fingerprint(task),
+        )
         store.merge_shards()  # left by an interrupted data-parallel run
         settings = {k: getattr(config, k) for k in ("output", "batch_size", "warmup", "save_masks")}
         judge = asdict(config.judge) if config.judge else None
@@ -193,7 +214,7 @@ def _judge(result: RunResult, judge_config: JudgeConfig) -> None:
         result.judge_error = str(err)
     from tokbench.store import RunStore
 
-    result.summary = RunStore(result.run_dir.parent, result.run_dir.name).manifest()["summary"]
+    result.summary = RunStore(result.run_dir.parent, result.run_dir.name).read_manifest().summary
 
 
 def _load_docs(task, doc_ids: list[int]):
