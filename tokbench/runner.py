@@ -217,6 +217,17 @@ def _judge(result: RunResult, judge_config: JudgeConfig) -> None:
     result.summary = RunStore(result.run_dir.parent, result.run_dir.name).read_manifest().summary
 
 
+def _score(task, doc_id: int, prediction: str) -> tuple[dict[str, float], str | None]:
+    """The task's scores for one prediction, or ({}, error) when scoring fails (e.g. the dataset lacks the
+    label column ``process_results`` reads): the row keeps its prediction and the run goes on."""
+    from tokbench.tasks import _one_line, _unwrap_retry
+
+    try:
+        return task.score(doc_id, prediction), None
+    except Exception as err:  # noqa: BLE001 - a doc that cannot be scored is its own error row
+        return {}, f"ScoreError: task {task.name} cannot score doc {doc_id}: {_one_line(_unwrap_retry(err))}"
+
+
 def _load_docs(task, doc_ids: list[int]):
     """Load documents; a missing or corrupt one becomes an error instead of stopping the batch."""
     docs, errors = [], {}
@@ -282,7 +293,7 @@ class _Recorder:
     def _row(self, doc, sample, out, memory) -> dict[str, Any]:
         from tokbench.records import efficiency_fields
 
-        scores = {} if self.task.judged else self.task.score(doc.doc_id, sample.text)
+        scores, score_error = ({}, None) if self.task.judged else _score(self.task, doc.doc_id, sample.text)
         row = {
             **self.base,
             "doc_id": doc.doc_id,
@@ -290,7 +301,7 @@ class _Recorder:
             "target": doc.target,
             "score": scores.get("score"),
             **efficiency_fields(sample, out, memory, self.shape, self.headline, self.adapter.dtype.itemsize),
-            "error": None,
+            "error": score_error,
         }
         if self.config.save_masks:  # enough to draw the overlay later (tokbench show RUN_DIR, tokbench html)
             row["kept_index"] = sample.kept_index
