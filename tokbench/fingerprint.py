@@ -31,9 +31,11 @@ def data_fingerprint(task) -> dict[str, Any]:
 
 
 def _update_arrow(digest, table) -> None:
-    """Feed a ``pyarrow.Table``'s IPC stream (schema + just these rows' data) to ``digest``."""
+    """Feed a ``pyarrow.Table``'s IPC stream to ``digest``: its rows copied into one chunk (a slice would
+    carry its parent's buffers) and its schema without metadata (``datasets`` stores a cache fingerprint there)."""
     import pyarrow as pa
 
+    table = table.take(pa.array(range(table.num_rows))).combine_chunks().replace_schema_metadata(None)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
