@@ -75,9 +75,10 @@ def test_wait_blocks_until_the_holder_finishes(tmp_path):
     assert acquired.is_set()
 
 
-def test_lock_is_reentrant_within_a_process(tmp_path):
+def test_lock_is_reentrant_within_a_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with RunLock(tmp_path / "run"):
-        with RunLock(tmp_path / "run"):  # tokbench run holding it while it judges
+        with RunLock(Path("run")):  # tokbench run holding it while it judges, the path spelt another way
             pass
         assert (tmp_path / "run" / OWNER).exists()
     assert not (tmp_path / "run" / OWNER).exists()

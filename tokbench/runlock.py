@@ -40,7 +40,8 @@ class RunLock:
         from filelock import FileLock, Timeout
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(self.run_dir / LOCK, is_singleton=True)  # one object per path: re-entrant
+        # one object per absolute path, so that the same process taking it again re-enters it
+        self._lock = FileLock(self.run_dir.resolve() / LOCK, is_singleton=True)
         try:
             self._lock.acquire(timeout=-1 if self.wait else 0)
         except Timeout:
