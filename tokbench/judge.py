@@ -60,9 +60,12 @@ class JudgeError(RuntimeError):
 
 
 class JudgeUnavailable(RuntimeError):
-    """One call failed after its retries (endpoint down, 5xx, 429): the item stays unscored."""
+    """One call failed after its retries (endpoint down, 5xx, 429): the item stays unscored.
+    ``retriable``: whether another attempt may succeed (connection errors, timeouts, 429, 5xx)."""
 
-    retriable = False  # set by OpenAIJudge: whether another attempt may succeed (timeouts, 429, 5xx)
+    def __init__(self, message: str, retriable: bool = False):
+        super().__init__(message)
+        self.retriable = retriable
 
 
 class JudgeReplyError(RuntimeError):
@@ -243,9 +246,8 @@ class OpenAIJudge:
             raise JudgeError(f"judge at {self.url} does not serve model {self.model!r}; check --judge-model") from None
         except (openai.APIConnectionError, openai.APIStatusError) as err:
             status = getattr(err, "status_code", None)
-            unavailable = JudgeUnavailable(f"judge at {self.url} failed: {_describe(err)}")
-            unavailable.retriable = status is None or status in _RETRY_STATUS or status >= 500
-            raise unavailable from err
+            retriable = status is None or status in _RETRY_STATUS or status >= 500
+            raise JudgeUnavailable(f"judge at {self.url} failed: {_describe(err)}", retriable) from err
         except (openai.APIError, ValueError) as err:  # a 200 whose body is not the JSON it claims
             raise JudgeReplyError(f"judge at {self.url} sent an unreadable reply ({type(err).__name__})") from None
         return _content(completion, self.url)
@@ -266,10 +268,12 @@ def _content(completion: Any, url: str) -> str:
 
 
 def _describe(err: BaseException) -> str:
+    import openai
+
     status = getattr(err, "status_code", None)
     if status:
         return f"HTTP {status}"
-    return "no answer within the timeout" if type(err).__name__ == "APITimeoutError" else type(err).__name__
+    return "no answer within the timeout" if isinstance(err, openai.APITimeoutError) else type(err).__name__
 
 
 class LocalHFJudge:
