@@ -300,3 +300,17 @@ def test_judged_samples_keep_the_umask_mode(predictions, tmp_path):
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE((run_dir / "samples.jsonl").stat().st_mode) == 0o644
     assert stat.S_IMODE((run_dir / "manifest.json").stat().st_mode) == 0o644
+
+
+def test_cached_replies_keep_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    cache = DiskCache(tmp_path)
+    previous = os.umask(0o027)
+    try:
+        cache.put(cache.key("m", "q", "a", "p"), "m", "score: 1")
+    finally:
+        os.umask(previous)
+    (path,) = tmp_path.rglob("*.json")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and cache.get(cache.key("m", "q", "a", "p")) == "score: 1"

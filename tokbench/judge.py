@@ -35,7 +35,6 @@ import queue
 import random
 import re
 import string
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -144,12 +143,11 @@ class DiskCache:
             return None
 
     def put(self, key: str, model: str, reply: str) -> None:
+        from tokbench.store import write_atomically
+
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"model": model, "reply": reply}, f)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps({"model": model, "reply": reply}))
 
 
 class CachedJudge:

@@ -167,7 +167,7 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, fsync, then ``os.replace``; never a partial file.
     The file gets ``path``'s mode, or the user's umask when new (``mkstemp`` alone would make it 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -297,7 +297,7 @@ class RunStore:
     def _write_manifest(self, manifest: Manifest) -> None:
         text = json.dumps(manifest.to_dict(), indent=2, default=_json_default) + "\n"  # fails before touching the file
         with self._full_disk(self.manifest_path):
-            _write_atomically(self.manifest_path, text)
+            write_atomically(self.manifest_path, text)
 
     @contextlib.contextmanager
     def _full_disk(self, path: Path) -> Iterator[None]:
@@ -371,7 +371,7 @@ class RunStore:
         """Replace every record at once (``tokbench judge`` filling in scores), atomically."""
         text = "".join(_lines(records))
         with self._full_disk(self.samples_path):
-            _write_atomically(self.samples_path, text)
+            write_atomically(self.samples_path, text)
 
 
 def _lines(records: list[dict[str, Any]]) -> list[str]:
