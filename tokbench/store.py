@@ -506,7 +506,7 @@ def load_runs(paths: list[Path]) -> pandas.DataFrame:
     frames = []
     for run_dir in dict.fromkeys(d for p in paths for d in _run_dirs(p)):
         store = RunStore(run_dir.parent, run_dir.name)
-        manifest = store.manifest() if store.manifest_path.exists() else {}
+        manifest = store.read_manifest() if store.manifest_path.exists() else None
         frame = pd.DataFrame(store.records())
         frame = frame.reindex(columns=list(dict.fromkeys([*SAMPLE_FIELDS, *frame.columns])))
         for key, value in _manifest_labels(manifest).items():
@@ -519,12 +519,14 @@ def load_runs(paths: list[Path]) -> pandas.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _manifest_labels(manifest: dict[str, Any]) -> dict[str, Any]:
-    config = manifest.get("config", {})
+def _manifest_labels(manifest: Manifest | None) -> dict[str, Any]:
+    if manifest is None:
+        return {}
+    config = manifest.config
     budget = config.get("budget_label")
     if budget is None and config.get("budget") is not None:
         budget = f"n{config['budget']}"
     elif budget is None and config.get("ratio") is not None:
         budget = f"r{config['ratio']:g}"
     labels = {k: config.get(k) for k in ("model", "method", "task")}
-    return {"run_id": manifest.get("run_id"), **labels, "budget": budget}
+    return {"run_id": manifest.run_id, **labels, "budget": budget}
