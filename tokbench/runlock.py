@@ -24,6 +24,9 @@ LOCK = ".lock"
 OWNER = ".owner.json"
 
 
+_LOCKS: dict[Path, object] = {}  # this process's FileLock per lock path
+
+
 class RunLockedError(RuntimeError):
     """Another live process holds the run directory (one line naming it)."""
 
@@ -40,8 +43,10 @@ class RunLock:
         from filelock import FileLock, Timeout
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # one object per absolute path, so that the same process taking it again re-enters it
-        self._lock = FileLock(self.run_dir.resolve() / LOCK, is_singleton=True)
+        path = self.run_dir.resolve() / LOCK
+        if path not in _LOCKS:  # one FileLock per path and process, so that taking it again re-enters it
+            _LOCKS[path] = FileLock(path)
+        self._lock = _LOCKS[path]
         try:
             self._lock.acquire(timeout=-1 if self.wait else 0)
         except Timeout:
