@@ -82,3 +82,29 @@ def test_lock_is_reentrant_within_a_process(tmp_path, monkeypatch):
             pass
         assert (tmp_path / "run" / OWNER).exists()
     assert not (tmp_path / "run" / OWNER).exists()
+
+
+def test_soft_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatch):
+    """Filesystems without flock: filelock's marker file outlives a killed holder; its pid names it dead."""
+    import json
+    import socket
+
+    from filelock import SoftFileLock
+
+    from tokbench import runlock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir.resolve() / runlock.LOCK
+    monkeypatch.setitem(runlock._LOCKS, path, SoftFileLock(path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text("")  # the marker a killed holder left behind
+    owner = {"pid": int(dead.stdout), "host": socket.gethostname(), "since": "then", "command": "tokbench run"}
+    (run_dir / OWNER).write_text(json.dumps(owner))
+    with RunLock(run_dir):
+        assert json.loads((run_dir / OWNER).read_text())["pid"] == os.getpid()
+    path.write_text("")  # a live holder (this test's own pid) is not taken over
+    (run_dir / OWNER).write_text(json.dumps({**owner, "pid": os.getpid()}))
+    with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+        with RunLock(run_dir):
+            pass

@@ -1,7 +1,9 @@
 """One process at a time per run directory: ``RunLock(run_dir)`` around everything that writes it.
 
 The lock is ``RUN_DIR/.lock``, held with ``filelock`` (``flock``): the kernel drops it when its process
-dies, so the lock of a killed run is taken over by the next one without any clean-up. Who holds it
+dies, so the lock of a killed run is taken over by the next one without any clean-up. (Where the
+filesystem has no ``flock``, filelock falls back to a marker file; one left by a dead process of this
+host is removed and taken over.) Who holds it
 (pid, host, start time, command) is written beside it to ``RUN_DIR/.owner.json`` so that a refused run
 can name it. A data-parallel run (``accelerate launch``) is one run: rank 0 takes the lock for all ranks.
 
@@ -48,7 +50,7 @@ class RunLock:
             _LOCKS[path] = FileLock(path)
         self._lock = _LOCKS[path]
         try:
-            self._lock.acquire(timeout=-1 if self.wait else 0)
+            self._acquire()
         except Timeout:
             raise RunLockedError(
                 f"{self.run_dir} is in use by {describe_owner(self.run_dir)}; wait for it to finish, "
@@ -57,6 +59,19 @@ class RunLock:
         if self._lock.lock_counter == 1:
             _write_owner(self.run_dir / OWNER)
         return self
+
+    def _acquire(self) -> None:
+        """Take the lock; a soft lock (filesystems without ``flock``: filelock falls back to a marker file
+        that outlives a killed holder) left by a dead process on this host is removed and taken over."""
+        from filelock import SoftFileLock, Timeout
+
+        try:
+            self._lock.acquire(timeout=-1 if self.wait else 0)
+        except Timeout:
+            if not (isinstance(self._lock, SoftFileLock) and _owner_is_dead(self.run_dir)):
+                raise
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+            self._lock.acquire(timeout=-1 if self.wait else 0)
 
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
@@ -73,6 +88,20 @@ def describe_owner(run_dir: Path) -> str:
     except (OSError, ValueError):
         return "another process"
     return f"pid {owner.get('pid')} on {owner.get('host')} (since {owner.get('since')}: {owner.get('command')})"
+
+
+def _owner_is_dead(run_dir: Path) -> bool:
+    """Whether the owner file names a process of this host that no longer exists."""
+    try:
+        owner = json.loads((Path(run_dir) / OWNER).read_text(encoding="utf-8"))
+        if owner.get("host") != socket.gethostname():
+            return False
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return False
 
 
 def _write_owner(path: Path) -> None:
