@@ -153,26 +153,19 @@ def make_run_id(config: dict[str, Any]) -> str:
     return "__".join([_slug(p) for p in parts] + [digest])
 
 
-def _umask() -> int:
+def _umask_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the user's umask (0o644 under the usual 022)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
-
-
-def _file_mode(path: Path) -> int:
-    """The mode a new file gets from the user's umask; an existing ``path`` keeps its own."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        return 0o666 & ~_umask()
+    return 0o666 & ~mask
 
 
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, fsync, then ``os.replace``; never a partial file.
-    The file gets ``path``'s mode, or the user's umask when new (``mkstemp`` alone would make it 0600)."""
+    The file gets the user's umask, like any file ``open()`` creates (``mkstemp`` alone would make it 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _file_mode(path))
+        os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
