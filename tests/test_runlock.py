@@ -36,9 +36,8 @@ def hold(run_dir: Path) -> subprocess.Popen:
 def test_second_holder_is_refused_with_the_owner_named(tmp_path):
     holder = hold(tmp_path / "run")
     try:
-        with pytest.raises(RunLockedError) as caught:
-            with RunLock(tmp_path / "run"):
-                pass
+        with pytest.raises(RunLockedError) as caught, RunLock(tmp_path / "run"):
+            pass
     finally:
         holder.stdin.close()
         holder.wait()
@@ -97,7 +96,7 @@ def test_soft_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatch):
     run_dir.mkdir()
     path = run_dir.resolve() / runlock.LOCK
     monkeypatch.setitem(runlock._LOCKS, path, SoftFileLock(path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     path.write_text("")  # the marker a killed holder left behind
     owner = {"pid": int(dead.stdout), "host": socket.gethostname(), "since": "then", "command": "tokbench run"}
     (run_dir / OWNER).write_text(json.dumps(owner))
@@ -105,6 +104,5 @@ def test_soft_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatch):
         assert json.loads((run_dir / OWNER).read_text())["pid"] == os.getpid()
     path.write_text("")  # a live holder (this test's own pid) is not taken over
     (run_dir / OWNER).write_text(json.dumps({**owner, "pid": os.getpid()}))
-    with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
-        with RunLock(run_dir):
-            pass
+    with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"), RunLock(run_dir):
+        pass
