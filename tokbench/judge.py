@@ -481,13 +481,13 @@ def _judge_locked(run_dir: Path, judge: Judge, concurrency: int, force: bool) ->
     except JudgeInterrupted as interrupted:
         done = [(i, v) for i, v in zip(todo, interrupted.verdicts) if v is not None and v.score is not None]
         _save(store, rows, done, judge.name)
-        left = sum(1 for r in rows if "judge" in r and r.get("error") is None and r.get("score") is None)
         raise JudgeInterrupted(
-            f"judging interrupted; {len(done)} score(s) saved, {left} row(s) unscored; finish with: tokbench judge {run_dir}",
+            f"judging interrupted; {len(done)} score(s) saved, {_unscored(rows)} row(s) unscored; "
+            f"finish with: tokbench judge {run_dir}",
             interrupted.verdicts,
         ) from None
     _save(store, rows, list(zip(todo, verdicts)), judge.name)
-    pending = sum(1 for r in rows if "judge" in r and r.get("error") is None and r.get("score") is None)
+    pending = _unscored(rows)
     errors = [v.error for v in verdicts if v.error]
     return JudgeReport(
         judged=sum(v.score is not None for v in verdicts),
@@ -495,6 +495,11 @@ def _judge_locked(run_dir: Path, judge: Judge, concurrency: int, force: bool) ->
         calls=getattr(judge, "calls", 0) - calls_before,
         error=errors[0] if errors else None,
     )
+
+
+def _unscored(rows: list[dict[str, Any]]) -> int:
+    """Judged rows (a ``judge`` key, no error) that have no score."""
+    return sum(1 for r in rows if "judge" in r and r.get("error") is None and r.get("score") is None)
 
 
 def _save(store, rows: list[dict[str, Any]], verdicts: list[tuple[int, Verdict]], name: str) -> None:

@@ -83,25 +83,32 @@ class RunLock:
 
 def describe_owner(run_dir: Path) -> str:
     """'pid 123 on host (since 2026-01-01T10:00:00+00:00: tokbench run ...)', or 'another process'."""
-    try:
-        owner = json.loads((Path(run_dir) / OWNER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    owner = _read_owner(run_dir)
+    if owner is None:
         return "another process"
     return f"pid {owner.get('pid')} on {owner.get('host')} (since {owner.get('since')}: {owner.get('command')})"
 
 
 def _owner_is_dead(run_dir: Path) -> bool:
     """Whether the owner file names a process of this host that no longer exists."""
+    owner = _read_owner(run_dir)
+    if owner is None or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
     try:
-        owner = json.loads((Path(run_dir) / OWNER).read_text(encoding="utf-8"))
-        if owner.get("host") != socket.gethostname():
-            return False
-        os.kill(int(owner["pid"]), 0)
+        os.kill(owner["pid"], 0)
     except ProcessLookupError:
         return True
-    except (OSError, ValueError, KeyError, TypeError):
+    except OSError:  # exists, owned by another user
         return False
     return False
+
+
+def _read_owner(run_dir: Path) -> dict | None:
+    try:
+        owner = json.loads((Path(run_dir) / OWNER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
 
 
 def _write_owner(path: Path) -> None:
