@@ -11,7 +11,16 @@ from fake_judge import FakeJudge, closed_port_url
 from typer.testing import CliRunner
 
 from tokbench.cli import app
-from tokbench.judge import DiskCache, ExactJudge, JudgeConfig, JudgeError, build_judge, judge_items, parse_score
+from tokbench.judge import (
+    DiskCache,
+    ExactJudge,
+    JudgeConfig,
+    JudgeError,
+    build_judge,
+    judge_items,
+    judge_run,
+    parse_score,
+)
 
 runner = CliRunner()
 
@@ -188,3 +197,120 @@ def test_local_hf_judge_replies_and_unparsable_text_scores_zero(tmp_path):
 def test_missing_local_judge_is_a_usage_error(tmp_path):
     with pytest.raises(JudgeError, match="cannot be loaded"):
         build_judge(JudgeConfig(judge=f"local-hf:{tmp_path / 'nothing'}"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "judge_error"),
+    [
+        ("empty", "sent an empty reply"),
+        ("no_choices", "sent a reply without choices"),
+        ("not_json", "sent a reply that is not JSON"),
+        ("bad_json", "sent an unreadable reply (JSONDecodeError)"),
+    ],
+)
+def test_unreadable_replies_leave_rows_unscored_not_zero(predictions, tmp_path, mode, judge_error):
+    with FakeJudge(mode=mode) as server:
+        run_dir = _copy(predictions, tmp_path)
+        result = runner.invoke(app, ["judge", str(run_dir), "--judge", server.url, "--judge-model", uuid.uuid4().hex])
+    assert result.exit_code == 1, result.output
+    assert "4 prediction(s) saved but not judged" in result.output and "Traceback" not in result.output
+    rows = _rows(run_dir)
+    assert len(rows) == 4 and all(r["score"] is None and judge_error in r["judge_error"] for r in rows)
+    assert not list(tmp_path.rglob("judge/**/*.json"))  # nothing unreadable was cached
+
+
+def test_a_judge_that_never_answers_costs_the_timeout_and_the_retry_budget(predictions, tmp_path):
+    with FakeJudge(mode="hang") as server:
+        run_dir = _copy(predictions, tmp_path)
+        config = JudgeConfig(judge=server.url, model=uuid.uuid4().hex, timeout=0.3, retries=5, retry_budget=1)
+        report = judge_run(run_dir, build_judge(config, cache_root=tmp_path / "cache"), concurrency=1)
+        calls = server.calls
+    assert calls == 2  # one call, one retry from the budget of 1, then no new call starts
+    assert report.judged == 0 and report.pending == 4 and "no answer within the timeout" in report.error
+    rows = _rows(run_dir)
+    assert all(r["score"] is None and "no answer within the timeout" in r["judge_error"] for r in rows)
+
+
+@pytest.mark.parametrize(("key", "value"), [("timeout", 0), ("retry_budget", -1)])
+def test_bad_timeout_or_budget_is_a_usage_error(key, value):
+    with pytest.raises(JudgeError, match=key.replace("_", " ")):
+        build_judge(JudgeConfig(judge="http://127.0.0.1:1/v1", model="m", **{key: value}))
+
+
+_INTERRUPTIBLE = """
+import sys
+from tokbench.judge import JudgeConfig, JudgeInterrupted, build_judge, judge_run
+run_dir, url, cache = sys.argv[1:]
+judge = build_judge(JudgeConfig(judge=url, model="m-" + cache[-8:], timeout=600), cache_root=cache)
+try:
+    judge_run(run_dir, judge, concurrency=1)
+except JudgeInterrupted as err:
+    print(err, flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_judging_at_once_and_keeps_the_scores(predictions, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = _copy(predictions, tmp_path)
+    with FakeJudge(mode="hang", answer_first=1) as server:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, str(run_dir), server.url, str(tmp_path / "cache")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        while server.calls < 2 and proc.poll() is None:  # the second call hangs (600 s timeout)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)  # a guard: without the fix this waits 600 s and more
+    assert proc.returncode == 130, stderr
+    assert f"finish with: tokbench judge {run_dir}" in stdout and "Traceback" not in stderr
+    rows = _rows(run_dir)
+    scored = [r for r in rows if r["score"] is not None]
+    assert len(rows) == 4 and 1 <= len(scored) < 4 and all(r["score"] == 0.25 for r in scored)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["summary"]["n_unscored"] == 4 - len(scored)
+    assert sum(manifest["judged_by"].values()) == len(scored)
+
+
+def test_manifest_names_the_judge_that_scored_the_rows(predictions, tmp_path):
+    with FakeJudge() as server:
+        run_dir = _copy(predictions, tmp_path)
+        first, second = f"a-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"
+        assert runner.invoke(app, ["judge", str(run_dir), "--judge", server.url, "--judge-model", first]).exit_code == 0
+        assert json.loads((run_dir / "manifest.json").read_text())["judged_by"] == {f"{first}@{server.url}": 4}
+        result = runner.invoke(app, ["judge", str(run_dir), "--judge", server.url, "--judge-model", second, "--force"])
+        assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "manifest.json").read_text())["judged_by"] == {f"{second}@{server.url}": 4}
+
+
+def test_judged_samples_keep_the_umask_mode(predictions, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        run_dir = _copy(predictions, tmp_path)
+        result = runner.invoke(app, ["judge", str(run_dir), "--judge", "exact"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((run_dir / "samples.jsonl").stat().st_mode) == 0o644
+    assert stat.S_IMODE((run_dir / "manifest.json").stat().st_mode) == 0o644
+
+
+def test_cached_replies_keep_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    cache = DiskCache(tmp_path)
+    previous = os.umask(0o027)
+    try:
+        cache.put(cache.key("m", "q", "a", "p"), "m", "score: 1")
+    finally:
+        os.umask(previous)
+    (path,) = tmp_path.rglob("*.json")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and cache.get(cache.key("m", "q", "a", "p")) == "score: 1"

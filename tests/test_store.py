@@ -184,3 +184,116 @@ def test_load_runs_from_run_dirs_and_parents(tmp_path):
 def test_git_sha_is_none_outside_a_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "__file__", str(tmp_path / "tokbench" / "store.py"))
     assert store_module._git_sha() is None
+
+
+def _enospc(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_mid_append_keeps_earlier_rows_and_names_the_file(tmp_path, monkeypatch):
+    store = _opened(tmp_path)
+    store.append([_row(0), _row(1)])
+    before = store.samples_path.read_bytes()
+    monkeypatch.setattr(store_module.os, "fsync", _enospc)  # the data reached the file, then the disk filled
+    with pytest.raises(store_module.DiskFullError) as caught:
+        store.append([_row(2), _row(3)])
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert "\n" not in message and str(store.samples_path) in message
+    assert "2 row(s) are saved" in message and "rerun the same command to resume" in message
+    assert store.samples_path.read_bytes() == before  # no half batch left behind
+    store.append([_row(2)])
+    assert store.done_doc_ids() == {0, 1, 2}
+
+
+def test_full_disk_on_the_manifest_names_the_resume_command(tmp_path, monkeypatch):
+    store = _opened(tmp_path)
+    judged = RunStore(tmp_path, store.run_id, resume=f"run: tokbench judge {store.path}")
+    before = store.manifest_path.read_text()
+    monkeypatch.setattr(store_module.os, "fsync", _enospc)
+    with pytest.raises(store_module.DiskFullError, match=f"manifest.json .*tokbench judge {store.path} to resume"):
+        judged.update_manifest(summary={"n": 1})
+    monkeypatch.undo()
+    assert store.manifest_path.read_text() == before
+
+
+def test_output_dir_probe_refuses_a_full_disk(tmp_path, monkeypatch):
+    store_module.probe_output_dir(tmp_path / "out")  # a disk with room: nothing left behind
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(store_module.os, "fsync", _enospc)
+    with pytest.raises(store_module.DiskFullError, match=f"output dir {tmp_path / 'out'} .*--output DIR"):
+        store_module.probe_output_dir(tmp_path / "out")
+    monkeypatch.undo()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_manifest_and_samples_follow_the_umask(tmp_path, umask):
+    import stat
+
+    store = _opened(tmp_path)
+    os.chmod(store.manifest_path, 0o600)  # written by an older tokbench: the next write fixes it
+    previous = os.umask(umask)
+    try:
+        store.open(CONFIG)
+        store.append([_row(0)])
+        store.replace_records(store.records())
+        store.update_manifest(summary={"n": 1})
+    finally:
+        os.umask(previous)
+    for path in (store.manifest_path, store.samples_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"config": {}}', "lacks run_id"),
+        ('{"run_id": "r"}', "lacks config"),
+        ("[1, 2]", "holds a JSON list"),
+    ],
+)
+def test_unreadable_manifest_is_one_line_naming_the_file(tmp_path, text, message):
+    store = _opened(tmp_path)
+    store.manifest_path.write_text(text)
+    for read in (store.read_manifest, lambda: store.open(CONFIG), lambda: store.update_manifest(summary={})):
+        with pytest.raises(store_module.ManifestError, match=message) as caught:
+            read()
+        assert str(store.manifest_path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_manifest_round_trip_keeps_unknown_keys(tmp_path):
+    store = _opened(tmp_path)
+    store.update_manifest(summary={"n": 1}, finished_at="now")
+    manifest = store.read_manifest()
+    assert manifest.summary == {"n": 1} and manifest.extra == {"finished_at": "now"}
+    assert manifest.to_dict() == json.loads(store.manifest_path.read_text())
+
+
+DATA = {"source": "/data/vstar", "docs": 10, "rows": 200, "fingerprint": "0123456789abcdef"}
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "refused"),
+    [
+        (DATA, DATA, False),
+        (DATA, {**DATA, "fingerprint": "fedcba9876543210"}, True),
+        (DATA, {**DATA, "source": "/elsewhere"}, False),  # same rows moved: the same run
+        (None, DATA, False),  # a manifest from before fingerprints: recorded now
+    ],
+)
+def test_resume_over_changed_data_is_refused(tmp_path, before, now, refused):
+    store = RunStore(tmp_path, make_run_id(CONFIG))
+    store.open(CONFIG, data=before)
+    store.append([_row(0)])
+    again = RunStore(tmp_path, store.run_id)
+    if refused:
+        with pytest.raises(store_module.DataChangedError, match="changed since the run started.*another --output"):
+            again.open(CONFIG, data=now)
+    else:
+        again.open(CONFIG, data=now)
+        assert again.read_manifest().data == (before or now)
+    assert again.done_doc_ids() == {0}

@@ -96,11 +96,10 @@ def validate(config: RunConfig, aliases: dict[str, str] | None = None):
 
         check_judge(config.judge)
     out = Path(config.output)
+    from tokbench.store import probe_output_dir
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tokbench-write-test"
-        probe.write_text("")
-        probe.unlink()
+        probe_output_dir(out)  # a full disk raises its own one-line DiskFullError
     except OSError as err:
         raise RunValidationError(f"output dir {out} is not writable ({err.strerror}); pass --output DIR") from None
     return method, task
@@ -110,15 +109,19 @@ def run(
     config: RunConfig,
     aliases: dict[str, str],
     on_batch: Callable[[int, int], None] | None = None,
+    wait: bool = False,
 ) -> RunResult:
     """Execute ``config``; ``on_batch(done, total)`` reports progress.
 
+    The run directory is locked for the whole run (``tokbench.runlock``): a second run into it raises
+    ``RunLockedError`` naming the holder, or with ``wait`` starts when the holder finishes. A full output
+    disk raises ``DiskFullError`` before the model loads, or mid-run with every finished batch kept.
+
     Under ``accelerate launch`` (several processes) each rank takes every world-size-th remaining
     document and writes its own shard; the main process merges the shards into one run and returns
-    the summary (the other ranks return ``summary=None``).
+    the summary (the other ranks return ``summary=None``). Rank 0 holds the lock for all of them.
     """
-    from tokbench.engine import Engine
-    from tokbench.models import load_model
+    from tokbench.runlock import RunLock
     from tokbench.store import RunStore, make_run_id
 
     method, task = validate(config, aliases)
@@ -128,9 +131,25 @@ def run(
     )
     store = RunStore(Path(config.output), run_id)
     state = _distributed_state()
+    rank = state.process_index if state else 0
+    with RunLock(store.path, wait=wait) if rank == 0 else contextlib.nullcontext():
+        return _run_locked(config, aliases, on_batch, method, task, store, state)
+
+
+def _run_locked(config: RunConfig, aliases, on_batch, method, task, store, state) -> RunResult:
+    """``run`` once the run directory is this process's: open or resume, generate, summarise, judge."""
+    from tokbench.engine import Engine
+    from tokbench.fingerprint import data_fingerprint
+    from tokbench.models import load_model
+    from tokbench.store import RunStore
+
+    identity, run_id = config.identity(), store.run_id
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     if rank == 0:
-        store.open({**identity, "method_config": method_config(method), "task_version": task.version})
+        store.open(
+            {**identity, "method_config": method_config(method), "task_version": task.version},
+            data=data_fingerprint(task),
+        )
         store.merge_shards()  # left by an interrupted data-parallel run
         settings = {k: getattr(config, k) for k in ("output", "batch_size", "warmup", "save_masks")}
         judge = asdict(config.judge) if config.judge else None
@@ -204,7 +223,18 @@ def _judge(result: RunResult, judge_config: JudgeConfig) -> None:
         result.judge_error = str(err)
     from tokbench.store import RunStore
 
-    result.summary = RunStore(result.run_dir.parent, result.run_dir.name).manifest()["summary"]
+    result.summary = RunStore(result.run_dir.parent, result.run_dir.name).read_manifest().summary
+
+
+def _score(task, doc_id: int, prediction: str) -> tuple[dict[str, float], str | None]:
+    """The task's scores for one prediction, or ({}, error) when scoring fails (e.g. the dataset lacks the
+    label column ``process_results`` reads): the row keeps its prediction and the run goes on."""
+    from tokbench.tasks import _one_line, _unwrap_retry
+
+    try:
+        return task.score(doc_id, prediction), None
+    except Exception as err:  # noqa: BLE001 - a doc that cannot be scored is its own error row
+        return {}, f"ScoreError: task {task.name} cannot score doc {doc_id}: {_one_line(_unwrap_retry(err))}"
 
 
 def _load_docs(task, doc_ids: list[int]):
@@ -272,7 +302,7 @@ class _Recorder:
     def _row(self, doc, sample, out, memory) -> dict[str, Any]:
         from tokbench.records import efficiency_fields
 
-        scores = {} if self.task.judged else self.task.score(doc.doc_id, sample.text)
+        scores, score_error = ({}, None) if self.task.judged else _score(self.task, doc.doc_id, sample.text)
         row = {
             **self.base,
             "doc_id": doc.doc_id,
@@ -280,7 +310,7 @@ class _Recorder:
             "target": doc.target,
             "score": scores.get("score"),
             **efficiency_fields(sample, out, memory, self.shape, self.headline, self.adapter.dtype.itemsize),
-            "error": None,
+            "error": score_error,
         }
         if self.config.save_masks:  # enough to draw the overlay later (tokbench show RUN_DIR, tokbench html)
             row["kept_index"] = sample.kept_index

@@ -6,11 +6,16 @@
   run ends, its summary. Always replaced atomically (temporary file + ``os.replace``).
 
 Rerunning with the same settings resumes: ``done_doc_ids`` tells the runner what to skip. Rerunning
-with different settings into the same run directory is refused (``ConfigMismatchError``).
+with different settings, or over data that changed since the run started (``data_fingerprint``), into the
+same run directory is refused (``ConfigMismatchError``, ``DataChangedError``). Files are created with the
+user's umask (``0644`` under the usual ``022``). A full disk raises ``DiskFullError`` naming the file and
+the command that resumes; what was written before stays.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +24,8 @@ import re
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +42,7 @@ SAMPLE_FIELDS: tuple[str, ...] = (
     *(f"{span}_{kind}" for span in ("preprocess", "vision", "select", "glimpse", "prefill", "ttft", "ttft_e2e",
                                     "decode", "e2e") for kind in ("batch_ms", "ms")),
     "decode_batch_ms_per_token", "decode_ms_per_token",
-    "kv_cache_mb", "peak_mem_mb", "peak_mem_source", "nvml_peak_mb", "batch_size", "error",
+    "kv_cache_mb", "peak_mem_mb", "nvml_peak_mb", "peak_mem_source", "batch_size", "error",
 )  # fmt: skip
 # Optional keys a record may carry beyond the schema; written only when present.
 OPTIONAL_FIELDS: tuple[str, ...] = (
@@ -50,6 +57,67 @@ RUN_LABELS = ("model", "method", "budget", "task")
 
 class ConfigMismatchError(ValueError):
     """A run directory already holds results produced with different settings."""
+
+
+class DataChangedError(ConfigMismatchError):
+    """The task's data differs from the data the run directory's results were made from."""
+
+
+class ManifestError(ValueError):
+    """``manifest.json`` is not valid JSON or lacks a key every manifest has (one line naming the file)."""
+
+
+class DiskFullError(RuntimeError):
+    """No space left (ENOSPC / EDQUOT) while writing a run file; rows written before are kept."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: what defines the run (``run_id``, ``config``, ``data``) and what happened to it.
+
+    ``data`` is ``tokbench.fingerprint.data_fingerprint`` of the task when the run started (``None`` in
+    runs made before it was recorded); ``judged_by`` counts scored rows per judge name (``tokbench.judge``);
+    keys this class does not name are kept in ``extra`` and written back unchanged.
+    """
+
+    run_id: str
+    config: dict[str, Any]
+    environment: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+    data: dict[str, Any] | None = None
+    resumed: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    judged_by: dict[str, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: Path | str = MANIFEST) -> Manifest:
+        if not isinstance(values, dict):
+            raise ManifestError(f"{source} holds a JSON {type(values).__name__}, not a run manifest")
+        missing = [k for k in ("run_id", "config") if k not in values]
+        if missing:
+            raise ManifestError(f"{source} lacks {', '.join(missing)}; it is not a complete tokbench manifest")
+        names = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        known = {k: v for k, v in values.items() if k in names}
+        return cls(**known, extra={k: v for k, v in values.items() if k not in names})
+
+    @classmethod
+    def from_file(cls, path: Path) -> Manifest:
+        """Read ``path``; ``ManifestError`` (one line naming it) when it is not valid JSON or lacks keys."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ManifestError(f"{path} is not valid JSON ({err}); restore it or start the run in a new --output") from None
+        return cls.from_dict(values, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**{k: v for k, v in values.items() if v is not None}, **self.extra}
 
 
 def _now() -> str:
@@ -90,10 +158,19 @@ def make_run_id(config: dict[str, Any]) -> str:
     return "__".join([_slug(p) for p in parts] + [digest])
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync, then ``os.replace``; never a partial file."""
+def _umask_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the user's umask (0o644 under the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then ``os.replace``; never a partial file.
+    The file gets the user's umask, like any file ``open()`` creates (``mkstemp`` alone would make it 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -102,6 +179,33 @@ def _write_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+PROBE_BYTES = 1 << 20  # the pre-flight writes this much: a full disk fails here, not after the model loaded
+
+
+def probe_output_dir(out: Path) -> None:
+    """Pre-flight: create ``out`` and write, fsync and delete a 1 MiB probe file in it.
+
+    A full disk or quota raises ``DiskFullError`` (one line naming ``out``); other ``OSError`` s (no
+    permission, read-only) propagate. Creating an empty file succeeds on a full disk, hence the bytes.
+    """
+    out = Path(out)
+    probe = out / f".tokbench-probe-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.errno not in _FULL:
+            raise
+        raise DiskFullError(
+            f"no space left on the device for output dir {out} ({err.strerror}); free space or pass --output DIR"
+        ) from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _json_default(value: Any) -> Any:
@@ -140,45 +244,72 @@ def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int | None]:
 class RunStore:
     """One run directory: ``RunStore(root, run_id).path == root / run_id``. Call ``open`` first."""
 
-    def __init__(self, root: Path, run_id: str, rank: int | None = None):
-        """``rank``: a data-parallel process writing its own ``samples.rank<k>.jsonl`` (``merge_shards``)."""
+    def __init__(self, root: Path, run_id: str, rank: int | None = None, resume: str = "rerun the same command"):
+        """``rank``: a data-parallel process writing its own ``samples.rank<k>.jsonl`` (``merge_shards``);
+        ``resume``: the command that carries on after a full disk, for ``DiskFullError``'s message."""
         self.root = Path(root)
         self.run_id = run_id
         self.path = self.root / run_id
         self.samples_path = self.path / (SAMPLES if rank is None else f"samples.rank{rank}.jsonl")
         self.manifest_path = self.path / MANIFEST
+        self.resume = resume
 
     # --- manifest ---------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        """The manifest as a plain dict (``read_manifest`` for the typed form)."""
+        return self.read_manifest().to_dict()
 
-    def open(self, config: dict[str, Any]) -> None:
-        """Create the run directory and manifest, or resume one written with the same ``config``.
+    def read_manifest(self) -> Manifest:
+        return Manifest.from_file(self.manifest_path)
 
-        Raises ``ConfigMismatchError`` naming each differing key if the manifest holds another config.
+    def open(self, config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
+        """Create the run directory and manifest, or resume one written with the same ``config`` and data.
+
+        ``data``: the task's ``data_fingerprint``. Raises ``ConfigMismatchError`` naming each differing
+        key if the manifest holds another config, ``DataChangedError`` if it records other data.
         Repairs ``samples.jsonl`` if its last line was cut off by a kill.
         """
         self.path.mkdir(parents=True, exist_ok=True)
         config = json.loads(_canonical_json(config))  # compare as it will read back (tuples → lists)
+        data = json.loads(_canonical_json(data)) if data is not None else None
         if self.manifest_path.exists():
-            manifest = self.manifest()
-            _check_same_config(self.path, manifest.get("config", {}), config)
-            manifest.setdefault("resumed", []).append({"at": _now(), "environment": environment_info()})
+            manifest = self.read_manifest()
+            _check_same_config(self.path, manifest.config, config)
+            _check_same_data(self.path, manifest.data, data)
+            manifest.data = manifest.data or data
+            manifest.resumed.append({"at": _now(), "environment": environment_info()})
         else:
-            manifest = {"run_id": self.run_id, "config": config, "environment": environment_info()}
-            manifest["created_at"] = _now()
+            manifest = Manifest(self.run_id, config, environment_info(), created_at=_now(), data=data)
         self._repair_samples()
-        _write_atomically(self.manifest_path, json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        self._write_manifest(manifest)
 
     def update_manifest(self, **fields: Any) -> None:
         """Set top-level manifest fields (``summary=...``, ``finished_at=...``), atomically.
-        ``run_id`` and ``config`` define the run and cannot be changed."""
-        fixed = {"run_id", "config"} & fields.keys()
+        ``run_id``, ``config`` and ``data`` define the run and cannot be changed."""
+        fixed = {"run_id", "config", "data"} & fields.keys()
         if fixed:
             raise ValueError(f"manifest field(s) {', '.join(sorted(fixed))} are fixed when the run is opened")
-        manifest = {**self.manifest(), **fields}
-        text = json.dumps(manifest, indent=2, default=_json_default) + "\n"  # fails before touching the file
-        _write_atomically(self.manifest_path, text)
+        values = {**self.read_manifest().to_dict(), **fields}
+        self._write_manifest(Manifest.from_dict(values, self.manifest_path))
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        text = json.dumps(manifest.to_dict(), indent=2, default=_json_default) + "\n"  # fails before touching the file
+        with self._full_disk(self.manifest_path):
+            write_atomically(self.manifest_path, text)
+
+    @contextlib.contextmanager
+    def _full_disk(self, path: Path) -> Iterator[None]:
+        """Turn ENOSPC / EDQUOT inside the block into one ``DiskFullError`` line naming ``path`` and the resume."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in _FULL:
+                raise
+            kept = len(self.records()) if self.samples_path.exists() else 0
+            raise DiskFullError(
+                f"no space left on the device writing {path} ({err.strerror}); {kept} row(s) are saved; "
+                f"free space, then {self.resume} to resume"
+            ) from None
 
     # --- samples ----------------------------------------------------------------------------------
     def _repair_samples(self) -> None:
@@ -202,15 +333,22 @@ class RunStore:
 
         Each record's keys must lie in ``SAMPLE_FIELDS`` (plus ``OPTIONAL_FIELDS``); schema fields it
         lacks are written as null; an unknown key or a missing ``doc_id`` raises before anything is
-        written.
+        written. An append cut short by a full disk is undone (the file is truncated to its previous size) and
+        raises ``DiskFullError``: the rows of earlier appends stay, this batch is redone on resume.
         """
         lines = _lines(records)
         if not lines:
             return
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        size = self.samples_path.stat().st_size if self.samples_path.exists() else 0
+        with self._full_disk(self.samples_path):
+            try:
+                with open(self.samples_path, "a", encoding="utf-8") as f:
+                    f.write("".join(lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                os.truncate(self.samples_path, size)
+                raise
 
     def merge_shards(self) -> int:
         """Fold the ranks' ``samples.rank*.jsonl`` into ``samples.jsonl`` in doc-id order (doc ids already
@@ -229,7 +367,9 @@ class RunStore:
 
     def replace_records(self, records: list[dict[str, Any]]) -> None:
         """Replace every record at once (``tokbench judge`` filling in scores), atomically."""
-        _write_atomically(self.samples_path, "".join(_lines(records)))
+        text = "".join(_lines(records))
+        with self._full_disk(self.samples_path):
+            write_atomically(self.samples_path, text)
 
 
 def _lines(records: list[dict[str, Any]]) -> list[str]:
@@ -257,6 +397,17 @@ def _check_same_config(run_dir: Path, stored: dict[str, Any], config: dict[str, 
     raise ConfigMismatchError(
         f"{run_dir} holds results made with other settings ({shown}); "
         "use another --output dir, or rerun with the same settings to resume"
+    )
+
+
+def _check_same_data(run_dir: Path, stored: dict[str, Any] | None, data: dict[str, Any] | None) -> None:
+    """Refuse to resume over other data; a manifest from before fingerprints (``None``) is not compared."""
+    if stored is None or data is None or stored.get("fingerprint") == data.get("fingerprint"):
+        return
+    raise DataChangedError(
+        f"the data of {run_dir} changed since the run started ({stored.get('docs')} docs, fingerprint "
+        f"{stored.get('fingerprint')} before; {data.get('docs')} docs, {data.get('fingerprint')} now, from "
+        f"{data.get('source')}); restore the data or use another --output dir"
     )
 
 
@@ -353,7 +504,7 @@ def load_runs(paths: list[Path]) -> pandas.DataFrame:
     frames = []
     for run_dir in dict.fromkeys(d for p in paths for d in _run_dirs(p)):
         store = RunStore(run_dir.parent, run_dir.name)
-        manifest = store.manifest() if store.manifest_path.exists() else {}
+        manifest = store.read_manifest() if store.manifest_path.exists() else None
         frame = pd.DataFrame(store.records())
         frame = frame.reindex(columns=list(dict.fromkeys([*SAMPLE_FIELDS, *frame.columns])))
         for key, value in _manifest_labels(manifest).items():
@@ -366,12 +517,14 @@ def load_runs(paths: list[Path]) -> pandas.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _manifest_labels(manifest: dict[str, Any]) -> dict[str, Any]:
-    config = manifest.get("config", {})
+def _manifest_labels(manifest: Manifest | None) -> dict[str, Any]:
+    if manifest is None:
+        return {}
+    config = manifest.config
     budget = config.get("budget_label")
     if budget is None and config.get("budget") is not None:
         budget = f"n{config['budget']}"
     elif budget is None and config.get("ratio") is not None:
         budget = f"r{config['ratio']:g}"
     labels = {k: config.get(k) for k in ("model", "method", "task")}
-    return {"run_id": manifest.get("run_id"), **labels, "budget": budget}
+    return {"run_id": manifest.run_id, **labels, "budget": budget}
