@@ -29,9 +29,11 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tokbench.images import as_list, load_visuals, undecoded, undecoded_process_docs
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -69,7 +71,7 @@ class Task:
         self.version = _version(lmms_task)
         self.gen_kwargs = dict(lmms_task.config.generation_kwargs or {})
         self._data_dir = data_dir
-        self._docs = lmms_task.eval_docs
+        self._docs, self._image_columns = undecoded(lmms_task.eval_docs)
         self._docs_no_media = getattr(lmms_task, "eval_docs_no_media", self._docs)
         self._len = len(self._docs) if limit is None else min(limit, len(self._docs))
 
@@ -89,15 +91,21 @@ class Task:
     def doc_ids(self) -> list[int]:
         return list(range(self._len))
 
-    def doc(self, doc_id: int) -> Doc:
-        """Load one document; a missing or undecodable image, or a question that is empty once the task's
-        pre/post prompts are taken off, raises ``DocError`` naming the doc (and the file)."""
+    def doc(self, doc_id: int, max_pixels: int | None = None) -> Doc:
+        """Load one document; a missing, truncated or undecodable image (``tokbench.images``), a
+        decompression bomb, or a question that is empty once the task's pre/post prompts are taken off,
+        raises ``DocError`` naming the doc (and the file).
+
+        ``max_pixels``: the model's pixel budget (Qwen2.5-VL's ``max_pixels``); images larger than the
+        model's target size are downscaled while decoding to a size with the same token grid
+        (``tokbench.images.decode_image``). None: images at their stored size.
+        """
         self._check(doc_id)
         task = self.lmms_task
         try:
             with _quiet():
                 row = self._docs[doc_id]
-                visuals = task.doc_to_visual(row)
+                visuals = load_visuals(task.doc_to_visual, row, self._image_columns, max_pixels)
                 prompt = task.doc_to_text(row)
                 target = task.doc_to_target(row)
         except Exception as err:  # noqa: BLE001 - any failure becomes one message naming the doc
@@ -107,12 +115,12 @@ class Task:
         if not core.strip():
             raise DocError(f"task {self.name} doc {doc_id}: empty question")
         images = []
-        for visual in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
+        for visual in visuals:
             if not hasattr(visual, "convert"):
                 raise DocError(
                     f"task {self.name} doc {doc_id} gives a {type(visual).__name__} visual; tokbench handles images only"
                 )
-            images.append(visual.convert("RGB"))
+            images.append(visual if visual.mode == "RGB" else visual.convert("RGB"))
         if isinstance(target, list):
             target = " | ".join(str(t) for t in target)
         return Doc(doc_id, images, str(prompt), str(target), _small_fields(self._docs_no_media[doc_id]))
@@ -147,13 +155,8 @@ class Task:
     def _files(self, doc_id: int) -> str:
         """' (image images/000003.png in /data/dir)' for the doc's image columns, when they hold paths."""
         try:
-            import datasets
-
-            docs, paths = self._docs, []
-            for column, feature in docs.features.items():
-                if isinstance(feature, datasets.Image):
-                    raw = docs.cast_column(column, datasets.Image(decode=False))[doc_id][column]
-                    paths.append((raw or {}).get("path") or "<embedded bytes>")
+            row = self._docs[doc_id]
+            paths = [(raw or {}).get("path") or "<embedded bytes>" for c in self._image_columns for raw in as_list(row[c])]
         except Exception:  # noqa: BLE001 - only decorates an error message
             return ""
         where = f" in {self._data_dir}" if self._data_dir else ""
@@ -191,10 +194,10 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None) 
         _check_cached(canonical, config)
     try:
         with _quiet():
-            if override:
-                loaded = manager.load_config({"task": canonical, **override})
-            else:
-                loaded = manager.load_task_or_group(canonical)
+            if entry["type"] == "task":  # a YAML task: images stay undecoded until Task.doc
+                hook = _yaml_config(entry["yaml_path"], mode="full").get("process_docs")
+                override = {**override, "process_docs": partial(undecoded_process_docs, hook)}
+            loaded = manager.load_config({"task": canonical, **override})
     except Exception as err:  # noqa: BLE001 - lmms-eval raises anything from datasets / tenacity / task utils
         err = _unwrap_retry(err)
         hint = "; pass --data-dir with a local copy" if not override else ""
@@ -264,13 +267,13 @@ def _single_task(manager, name: str) -> str:
     raise TaskError(f"task {name} is an lmms-eval {entry['type']} of {len(members)} tasks ({shown}); pass one of them")
 
 
-def _yaml_config(yaml_path) -> dict:
-    """The task's YAML with includes resolved, ``!function`` left unimported."""
+def _yaml_config(yaml_path, mode: str = "simple") -> dict:
+    """The task's YAML with includes resolved; ``!function`` left unimported (``mode="full"``: imported)."""
     from lmms_eval.utils import load_yaml_config
 
     if yaml_path in (None, -1):
         return {}
-    return load_yaml_config(yaml_path, mode="simple")
+    return load_yaml_config(yaml_path, mode=mode)
 
 
 # --- data location ---------------------------------------------------------------------------------
