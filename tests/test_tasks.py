@@ -236,3 +236,12 @@ def test_task_names_is_cheap():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_scoring_lmms_evals_vstar_prints_no_debug_lines(synth_dir, capfd):
+    """vstar_bench's process_results logs every answer at DEBUG from a module lmms-eval names `utils`."""
+    task = load_task("vstar", data_dir=str(synth_dir / "test.parquet"), limit=2)
+    capfd.readouterr()
+    task.score(0, "A")
+    out, err = capfd.readouterr()
+    assert "DEBUG" not in out + err and "Predicted" not in out + err

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 ALIASES = {"vstar-synth": "vstar_synth", "vstar": "vstar_bench"}
 _LOCAL_BUILDERS = {"json", "parquet", "csv", "arrow", "text", "pandas", "imagefolder", "audiofolder", "webdataset"}
+_LMMS_LOGGERS = ("lmms_eval", "utils")  # lmms-eval imports a task's !function file as module `utils`
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -394,17 +395,20 @@ def _hub_reachable() -> bool:
 
 @contextmanager
 def _quiet():
-    """lmms-eval logs through loguru (DEBUG by default): mute it and datasets' bars inside the block."""
+    """lmms-eval logs through loguru (DEBUG by default): mute it, the task hooks it imports (modules named
+    ``utils``, e.g. vstar_bench's per-answer DEBUG lines) and datasets' bars inside the block."""
     from loguru import logger
 
     from tokbench.synth import quiet_datasets
 
-    logger.disable("lmms_eval")
+    for name in _LMMS_LOGGERS:
+        logger.disable(name)
     try:
         with quiet_datasets():
             yield
     finally:
-        logger.enable("lmms_eval")
+        for name in _LMMS_LOGGERS:
+            logger.enable(name)
 
 
 def _version(lmms_task) -> str:
