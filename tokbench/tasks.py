@@ -38,7 +38,7 @@ from tokbench.images import as_list, load_visuals, undecoded, undecoded_process_
 if TYPE_CHECKING:
     import PIL.Image
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+TASKS_DIR = (Path(__file__).parent / "lmms_tasks").resolve()  # in a checkout: a link to tasks/
 ALIASES = {"vstar-synth": "vstar_synth", "vstar": "vstar_bench"}
 _LOCAL_BUILDERS = {"json", "parquet", "csv", "arrow", "text", "pandas", "imagefolder", "audiofolder", "webdataset"}
 _LMMS_LOGGERS = ("lmms_eval", "utils")  # lmms-eval imports a task's !function file as module `utils`
