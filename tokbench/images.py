@@ -155,8 +155,13 @@ def load_visuals(doc_to_visual, row: dict, columns: list[str], max_pixels: int |
 
 
 def undecoded(docs):
-    """``docs`` with its image columns (``datasets.Image`` or a list of them) left as ``{bytes, path}``
-    dicts, so that ``tokbench.images.decode_image`` decodes them (strictly, downscaled); and their names."""
+    """``docs`` with its image columns left as ``{bytes, path}`` dicts, so that ``decode_image`` decodes
+    them (strictly, downscaled); and their names.
+
+    Image columns: ``datasets.Image`` (or a list of them), and plain ``{bytes, path}`` structs, which is
+    how an image column reads from a parquet file written without the Hugging Face schema metadata
+    (pandas / pyarrow); those become ``datasets.Image`` columns too, so task hooks see images.
+    """
     import datasets
 
     if not isinstance(docs, datasets.Dataset):
@@ -164,12 +169,22 @@ def undecoded(docs):
     columns = []
     for column, feature in docs.features.items():
         inner = getattr(feature, "feature", feature)  # List(Image()) / Sequence(Image())
-        if isinstance(inner, datasets.Image):
+        if isinstance(inner, datasets.Image) or _is_image_struct(inner):
             columns.append(column)
-            if inner.decode:
+            if not isinstance(inner, datasets.Image) or inner.decode:
                 raw = datasets.Image(decode=False)
                 docs = docs.cast_column(column, raw if inner is feature else datasets.List(raw))
     return docs, columns
+
+
+def _is_image_struct(feature) -> bool:
+    """``{"bytes": binary, "path": string}``: an image column without its ``datasets.Image`` type."""
+    import datasets
+
+    if not isinstance(feature, dict) or set(feature) != {"bytes", "path"}:
+        return False
+    kinds = {name: getattr(value, "dtype", None) for name, value in feature.items()}
+    return isinstance(feature["bytes"], datasets.Value) and kinds == {"bytes": "binary", "path": "string"}
 
 
 def undecoded_process_docs(process_docs, dataset):

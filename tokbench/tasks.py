@@ -190,9 +190,9 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None) 
     entry = manager.task_index[canonical]
     config = _yaml_config(entry["yaml_path"])
     override, local_dir = _data_override(canonical, config, data_dir)
+    if not override and (snapshot := _offline_source(canonical, config)) is not None:
+        override, local_dir = _data_override(canonical, config, str(snapshot))
     dataset = override.get("dataset_path") if override else config.get("dataset_path")
-    if not override:
-        _check_cached(canonical, config)
     try:
         with _quiet():
             if entry["type"] == "task":  # a YAML task: images stay undecoded until Task.doc
@@ -335,44 +335,63 @@ def _visual_cot_override(name: str, split: str, data_dir: str | None) -> tuple[d
     return {"dataset_path": "parquet", "dataset_name": None, "dataset_kwargs": kwargs}, source
 
 
-def _check_cached(name: str, config: dict) -> None:
-    """Fail fast when a hub dataset is not cached and the hub cannot be reached.
+def _offline_source(name: str, config: dict) -> Path | None:
+    """Where a hub dataset loads from when the hub cannot be used, checked before lmms-eval tries.
 
-    Without this, lmms-eval retries the download 5 times (and huggingface_hub retries each request),
-    which takes seconds offline and over a minute when DNS fails.
+    None: load as usual (a local path, a prepared ``datasets`` cache, or the network is on). A snapshot
+    directory: the hub cache holds the dataset's files (``hf download``) but ``datasets`` cannot use
+    them offline, so they are read as a local copy. Otherwise one line saying what to download and pass
+    (without this check lmms-eval retries the download 5 times: seconds offline, minutes when DNS fails).
     """
     dataset = config.get("dataset_path")
     if not isinstance(dataset, str) or "/" not in dataset or dataset in _LOCAL_BUILDERS:
-        return
-    if os.path.exists(os.path.expanduser(dataset)) or _in_hf_cache(dataset, config.get("dataset_kwargs")):
-        return
+        return None
+    if os.path.exists(os.path.expanduser(dataset)) or _in_datasets_cache(dataset, config.get("dataset_kwargs")):
+        return None
     offline_vars = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in offline_vars):
         why = "the network is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
     elif not _hub_reachable():
         why = "the hub cannot be reached"
     else:
-        return
+        return None
+    snapshot = _hub_snapshot(dataset)
+    if snapshot is not None:
+        return snapshot
     raise TaskError(
         f"task {name} needs dataset {dataset}, which is not in the local HF cache and {why}; "
-        "pass --data-dir with a local copy"
+        f"download it (hf download --repo-type dataset {dataset} --local-dir DIR) and pass --data-dir DIR"
     )
 
 
-def _in_hf_cache(dataset: str, dataset_kwargs) -> bool:
-    """Whether the hub cache or a datasets cache has a directory for ``dataset`` (a cheap heuristic)."""
-    hf_home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+def _hf_home() -> Path:
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+
+
+def _in_datasets_cache(dataset: str, dataset_kwargs) -> bool:
+    """Whether a ``datasets`` cache has a prepared copy of ``dataset`` (a cheap heuristic)."""
     env = os.environ.get
-    hub = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or hf_home / "hub"
-    caches = [hub, env("LMMS_EVAL_DATASETS_CACHE"), env("HF_DATASETS_CACHE"), hf_home / "datasets"]
+    caches = [env("LMMS_EVAL_DATASETS_CACHE"), env("HF_DATASETS_CACHE"), _hf_home() / "datasets"]
     if isinstance(dataset_kwargs, dict):
         caches.append(dataset_kwargs.get("cache_dir"))
-    wanted = {"datasets--" + dataset.replace("/", "--").lower(), dataset.replace("/", "___").lower()}
+    wanted = dataset.replace("/", "___").lower()
     for cache in caches:
         directory = Path(cache).expanduser() if cache else None
-        if directory and directory.is_dir() and any(child.name.lower() in wanted for child in directory.iterdir()):
+        if directory and directory.is_dir() and any(child.name.lower() == wanted for child in directory.iterdir()):
             return True
     return False
+
+
+def _hub_snapshot(dataset: str) -> Path | None:
+    """The hub cache's snapshot of dataset repo ``dataset`` (``refs/main``, else the newest one)."""
+    env = os.environ.get
+    hub = Path(env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or _hf_home() / "hub").expanduser()
+    repo = hub / ("datasets--" + dataset.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+        return repo / "snapshots" / ref.read_text().strip()
+    snapshots = sorted((repo / "snapshots").glob("*/"), key=lambda p: p.stat().st_mtime) if repo.is_dir() else []
+    return snapshots[-1] if snapshots else None
 
 
 def _hub_reachable() -> bool:
