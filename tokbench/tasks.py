@@ -1,9 +1,11 @@
 """Tasks the runner evaluates: lmms-eval task objects behind a small typed interface.
 
-Every task is an lmms-eval task: tokbench's own folders under ``tasks/`` (beside the ``tokbench``
-package; passed to lmms-eval as an include path) or any task lmms-eval ships (``gqa``, ``pope``, ...).
-Prompts (``doc_to_text`` with the task's pre/post prompts), images (``doc_to_visual``), targets and
-scores (``process_results``) all come from lmms-eval's task object; this module only adapts them.
+Every task is an lmms-eval task: tokbench's own folders (``TASKS_DIR`` = ``tokbench/lmms_tasks``, shipped
+in the wheel; in a checkout a link to ``tasks/``; passed to lmms-eval as an include path) or any task
+lmms-eval ships (``gqa``, ``pope``, ...). Prompts (``doc_to_text`` with the task's pre/post prompts),
+images (``doc_to_visual``), targets and scores (``process_results``) all come from lmms-eval's task
+object; this module only adapts them. Image columns stay undecoded until ``Task.doc``, which decodes
+them with ``tokbench.images`` (strict, and downscaled to the model's ``max_pixels`` when given).
 
 Names: ``vstar-synth`` = ``vstar_synth`` (tokbench's offline V*-like task, generated on first use into
 ``tokbench.synth.data_root()``), ``vstar`` = lmms-eval's ``vstar_bench``; a name with ``-`` also
@@ -16,7 +18,11 @@ matches its ``_`` spelling. A group or tag of exactly one task resolves to that 
 - a hub task: a directory written by ``datasets.DatasetDict.save_to_disk``; a hub snapshot directory
   (``hf download --repo-type dataset ...``: split-named parquet/json files, with the task's config
   name and ``data_files`` resolved inside it); or one ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv``
-  / ``.arrow`` file holding the task's evaluation split.
+  / ``.arrow`` file holding the task's evaluation split (a parquet without the Hugging Face schema,
+  whose images read back as ``{bytes, path}`` dicts, included).
+
+Without ``data_dir``, a hub task loads from the hub or the ``datasets`` cache; offline, a snapshot in
+the hub cache is read as if passed as ``data_dir``.
 
 lmms-eval is imported only when a task is loaded (it takes seconds), and its loguru output and the
 ``datasets`` progress bars are silenced while tokbench calls into it.
@@ -176,8 +182,8 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None) 
     """Resolve ``name`` (module docstring) and load its evaluation split through lmms-eval.
 
     Raises ``TaskError`` with one line: an unknown name lists close matches; a hub dataset that is not
-    cached while the network is off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) or fails to load names
-    the dataset and suggests ``--data-dir``.
+    cached while the network is off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) names the ``hf download``
+    to run and the ``--data-dir`` to pass; one that fails to load names the dataset and suggests ``--data-dir``.
     """
     canonical = _canonical(name)
     own = _own_tasks()
