@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import noise_image
 from PIL import Image
 
 from tokbench.images import decode_image, load_visuals, reduction_factor
 from tokbench.synth import generate_vstar_synth
 from tokbench.tasks import DocError, load_task
-
-from conftest import noise_image
 
 
 def _png(image: Image.Image) -> bytes:

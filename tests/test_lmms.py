@@ -68,7 +68,7 @@ def test_two_processes_shard_the_docs_and_fill_lmms_evals_efficiency_block(tmp_p
         "--tasks", "vstar_synth", "--include_path", str(PROJECT_ROOT / "tasks"), "--limit", "5",
         "--batch_size", "2", "--log_samples", "--output_path", str(tmp_path / "out"),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     assert "Error during evaluation" not in done.stderr, done.stderr[-3000:]  # lmms-eval exits 0 regardless
     shards = [[json.loads(line) for line in (tmp_path / f"eff.jsonl.rank{r}").read_text().splitlines()] for r in (0, 1)]
     assert all(shards) and sorted(row["doc_id"] for shard in shards for row in shard) == [0, 1, 2, 3, 4]
