@@ -136,3 +136,10 @@ def test_decode_image_reads_paths_bytes_and_hub_dicts(tmp_path):
         assert np.array_equal(np.asarray(decode_image(source)), np.asarray(image))
     with pytest.raises(OSError):
         decode_image(b"not an image")
+
+
+def test_max_pixels_hint_comes_from_the_qwen_processor(qwen, llava):
+    from tokbench.images import max_pixels_of
+
+    assert max_pixels_of(qwen) == qwen.processor.image_processor.size["longest_edge"] == 200704
+    assert max_pixels_of(llava) is None

@@ -75,6 +75,18 @@ def decode_image(source: Any, max_pixels: int | None = None) -> Image.Image:
         return image.convert("RGB")
 
 
+def max_pixels_of(adapter) -> int | None:
+    """The ``max_pixels`` hint for a loaded model adapter: Qwen2.5-VL's processor cap (``size["longest_edge"]``)
+    when its grid is ``GRID_FACTOR`` pixels; None (no downscaling) for other families (LLaVA resizes every
+    image to a fixed square whatever its size)."""
+    if getattr(adapter, "family", None) != "qwen2_5_vl":
+        return None
+    processor = adapter.processor.image_processor
+    if processor.patch_size * processor.merge_size != GRID_FACTOR:
+        return None
+    return processor.size.get("longest_edge")
+
+
 def reduction_factor(width: int, height: int, max_pixels: int) -> int:
     """Largest integer r such that the image reduced by r (``ceil(w / r) x ceil(h / r)``) is at least
     the model's target size in both dimensions and has the same ``smart_resize`` target (1 if none)."""

@@ -39,7 +39,7 @@ def _make_class():
 
     from tokbench.config import load_config
     from tokbench.engine import Engine
-    from tokbench.images import load_visuals, undecoded
+    from tokbench.images import load_visuals, max_pixels_of, undecoded
     from tokbench.metrics import LLMShape, PeakMemory
     from tokbench.models import load_model
     from tokbench.pruner import Budget, build_method
@@ -101,7 +101,7 @@ def _make_class():
             if key not in self._undecoded:
                 self._undecoded[key] = undecoded(self.task_dict[task][split])
             docs, columns = self._undecoded[key]
-            visuals = load_visuals(doc_to_visual, docs[doc_id], columns, _pixel_budget(self.adapter))
+            visuals = load_visuals(doc_to_visual, docs[doc_id], columns, max_pixels_of(self.adapter))
             return [v for v in visuals if hasattr(v, "convert")]
 
         def generate_until(self, requests) -> list[GenerationResult]:
@@ -179,13 +179,6 @@ def _processes():
         rank, world = accelerator.process_index, accelerator.num_processes
     local_rank = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
     return rank, world, local_rank, accelerator if accelerator.num_processes == world > 1 else None
-
-
-def _pixel_budget(adapter) -> int | None:
-    """The Qwen2.5-VL processor's ``max_pixels`` (images above it are downscaled while decoding)."""
-    if adapter.family != "qwen2_5_vl":
-        return None
-    return adapter.processor.image_processor.size.get("longest_edge")
 
 
 def __getattr__(name: str):
