@@ -34,7 +34,7 @@ GRID_FACTOR = 28  # Qwen2.5-VL: 14-pixel patches merged 2x2
 MIN_PIXELS = 56 * 56  # Qwen2.5-VL's processor default (shortest_edge)
 
 _REDUCIBLE = ("RGB", "RGBA", "L", "LA", "I", "F")
-_FLAG_LOCK = threading.Lock()
+_FLAG_LOCK = threading.RLock()
 _BUDGET: ContextVar[int | None] = ContextVar("tokbench_max_pixels", default=None)
 
 
