@@ -198,9 +198,10 @@ def test_hub_task_offline_names_its_dataset(monkeypatch, tmp_path, name):
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "LMMS_EVAL_DATASETS_CACHE"):
         monkeypatch.delenv(var, raising=False)
     start = time.perf_counter()
-    with pytest.raises(TaskError, match="task vstar_bench needs dataset lmms-lab-encoder/vstar-bench, which is not in"):
+    with pytest.raises(TaskError, match="task vstar_bench needs dataset lmms-lab-encoder/vstar-bench, which is not in") as err:
         load_task(name)
     assert time.perf_counter() - start < 15  # no retry loop
+    assert "hf download --repo-type dataset lmms-lab-encoder/vstar-bench --local-dir DIR) and pass --data-dir DIR" in str(err.value)
 
 
 def test_hub_task_reads_a_local_copy(synth_dir, synth_task, tmp_path):
@@ -236,3 +237,44 @@ def test_task_names_is_cheap():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_scoring_lmms_evals_vstar_prints_no_debug_lines(synth_dir, capfd):
+    """vstar_bench's process_results logs every answer at DEBUG from a module lmms-eval names `utils`."""
+    task = load_task("vstar", data_dir=str(synth_dir / "test.parquet"), limit=2)
+    capfd.readouterr()
+    task.score(0, "A")
+    out, err = capfd.readouterr()
+    assert "DEBUG" not in out + err and "Predicted" not in out + err
+
+
+def test_vstar_parquet_without_hf_metadata_loads(synth_dir, synth_task, tmp_path):
+    """A parquet written by pandas/pyarrow: the image column reads back as {bytes, path} dicts."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(synth_dir / "test.parquet").replace_schema_metadata(None)
+    pq.write_table(table, tmp_path / "plain.parquet")
+    task = load_task("vstar", data_dir=str(tmp_path / "plain.parquet"), limit=3)
+    doc = task.doc(1)
+    expected = synth_task.doc(1)
+    assert doc.images[0].size == expected.images[0].size and doc.prompt == expected.prompt
+    assert np.array_equal(np.asarray(doc.images[0]), np.asarray(expected.images[0]))
+    assert task.score(1, doc.target)["score"] == 1.0
+
+
+def test_hub_cache_snapshot_loads_offline(monkeypatch, tmp_path, synth_dir, synth_task):
+    """`hf download --repo-type dataset lmms-lab-encoder/vstar-bench` filled the hub cache; offline,
+    `datasets` cannot use it, so tokbench reads the snapshot as a local copy."""
+    repo = tmp_path / "hub" / "datasets--lmms-lab-encoder--vstar-bench"
+    (repo / "snapshots" / "abc123" / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123" / "data" / "test-00000-of-00001.parquet").write_bytes((synth_dir / "test.parquet").read_bytes())
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "LMMS_EVAL_DATASETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    task = load_task("vstar", limit=2)
+    assert Path(task.data) == repo / "snapshots" / "abc123"
+    assert task.doc(1).prompt == synth_task.doc(1).prompt

@@ -32,12 +32,24 @@ def _official(tmp_path, rel="cot/gqa/x/1.jpg"):
 
 def test_official_record_becomes_query_reference_and_box(tmp_path):
     root = _official(tmp_path)
-    (root / "cot" / "gqa" / "x" / "val").mkdir(parents=True)  # the official loader's val/ fallback
-    Image.new("RGB", (8, 8)).save(root / "cot" / "gqa" / "x" / "val" / "1.jpg")
+    (root / "cot" / "gqa" / "val" / "x").mkdir(parents=True)  # the official loader's val/ fallback
+    Image.new("RGB", (8, 8)).save(root / "cot" / "gqa" / "val" / "x" / "1.jpg")
     (row,) = read_records(root, ["gqa"])
     assert row["question"] == "What is on the table?" and row["answer"] == "A red cup."
     assert row["bbox"] == [10, 20, 31, 40] and row["subset"] == "gqa" and row["question_id"] == "7"
-    assert row["image"] == str(root / "cot" / "gqa" / "x" / "val" / "1.jpg")
+    assert row["image"] == str(root / "cot" / "gqa" / "val" / "x" / "1.jpg")
+
+
+@pytest.mark.parametrize("val", [False, True])
+def test_glimpseprune_checkout_layout_loads(tmp_path, val):
+    """GlimpsePrune: viscot_benchmark/benchmark/ beside datas/cot/<subset>/ (official: val/ after the subset)."""
+    root = _official(tmp_path, rel="cot/gqa/2381.jpg")
+    folder = root / "datas" / "cot" / "gqa" / ("val" if val else "")
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "2381.jpg")
+    task = load_task("visual_cot_gqa", data_dir=str(root))
+    doc = task.doc(0)
+    assert doc.images[0].size == (40, 30) and doc.target == "A red cup."
 
 
 def test_missing_subset_and_missing_benchmark_name_the_path(tmp_path):

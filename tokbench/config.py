@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_CONFIG = Path(__file__).resolve().parent / "tokbench.toml"  # in a checkout: a link to PROJECT_ROOT's
 
 
 class ConfigError(ValueError):
@@ -34,7 +35,7 @@ def _read(path: Path) -> dict[str, Any]:
 def load_config(extra: Path | None = None) -> Config:
     """Merge the project's tokbench.toml, ./tokbench.toml and ``extra`` (later files win per key)."""
     config = Config()
-    candidates = [PROJECT_ROOT / "tokbench.toml", Path.cwd() / "tokbench.toml"]
+    candidates = [PACKAGE_CONFIG, Path.cwd() / "tokbench.toml"]
     if extra is not None:
         candidates.append(extra)
     seen: set[Path] = set()

@@ -175,7 +175,7 @@ def _run_locked(config: RunConfig, aliases, on_batch, method, task, store, state
     recorder = _Recorder(config, method, adapter, run_id, task)
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     if batches and config.warmup:
-        docs, _ = _load_docs(task, batches[0])
+        docs, _ = _load_docs(task, batches[0], recorder.max_pixels)
         for _ in range(config.warmup):
             if docs:
                 engine.generate([d.images for d in docs], [d.prompt for d in docs], [d.doc_id for d in docs], max_new)
@@ -237,12 +237,13 @@ def _score(task, doc_id: int, prediction: str) -> tuple[dict[str, float], str | 
         return {}, f"ScoreError: task {task.name} cannot score doc {doc_id}: {_one_line(_unwrap_retry(err))}"
 
 
-def _load_docs(task, doc_ids: list[int]):
-    """Load documents; a missing or corrupt one becomes an error instead of stopping the batch."""
+def _load_docs(task, doc_ids: list[int], max_pixels: int | None = None):
+    """Load documents, images decoded within the model's pixel budget (``tokbench.images``); a missing or
+    corrupt one becomes an error instead of stopping the batch."""
     docs, errors = [], {}
     for doc_id in doc_ids:
         try:
-            docs.append(task.doc(doc_id))
+            docs.append(task.doc(doc_id, max_pixels=max_pixels))
         except Exception as err:  # noqa: BLE001 - any bad document is isolated to its own row
             errors[doc_id] = f"{type(err).__name__}: {err}"
     return docs, errors
@@ -252,6 +253,7 @@ class _Recorder:
     """Turns engine outputs into DESIGN.md result rows (the one place that computes each figure)."""
 
     def __init__(self, config: RunConfig, method, adapter, run_id: str, task):
+        from tokbench.images import max_pixels_of
         from tokbench.metrics import LLMShape
 
         self.config = config
@@ -260,6 +262,7 @@ class _Recorder:
         self.run_id = run_id
         self.task = task
         self.shape = LLMShape.from_config(adapter.text_config)
+        self.max_pixels = max_pixels_of(adapter)  # images decode no larger than the model will see
         self.headline = getattr(method, "headline_retention", "input")
         self.base = {
             "run_id": run_id,
@@ -270,7 +273,7 @@ class _Recorder:
         }
 
     def run_batch(self, engine, doc_ids: list[int], max_new: int) -> list[dict[str, Any]]:
-        docs, errors = _load_docs(self.task, doc_ids)
+        docs, errors = _load_docs(self.task, doc_ids, self.max_pixels)
         rows = [self._error_row(d, msg, len(doc_ids)) for d, msg in errors.items()]
         return rows + self._generate(engine, docs, max_new) if docs else rows
 
@@ -315,7 +318,7 @@ class _Recorder:
         if self.config.save_masks:  # enough to draw the overlay later (tokbench show RUN_DIR, tokbench html)
             row["kept_index"] = sample.kept_index
             row["token_grids"] = [list(grid) for grid in sample.token_grids]
-            row["image_sizes"] = [list(image.size) for image in doc.images]
+            row["image_sizes"] = [list(image.info.get("tokbench_original_size", image.size)) for image in doc.images]
         if self.task.judged:  # scored later by tokbench.judge (judge_run)
             row.update(question=doc.meta.get("question", doc.prompt), subset=doc.meta.get("subset"), judge=None)
         return row

@@ -1,13 +1,15 @@
 """Tasks the runner evaluates: lmms-eval task objects behind a small typed interface.
 
-Every task is an lmms-eval task: tokbench's own folders under ``tasks/`` (beside the ``tokbench``
-package; passed to lmms-eval as an include path) or any task lmms-eval ships (``gqa``, ``pope``, ...).
-Prompts (``doc_to_text`` with the task's pre/post prompts), images (``doc_to_visual``), targets and
-scores (``process_results``) all come from lmms-eval's task object; this module only adapts them.
+Every task is an lmms-eval task: tokbench's own folders (``TASKS_DIR`` = ``tokbench/lmms_tasks``, shipped
+in the wheel; in a checkout a link to ``tasks/``; passed to lmms-eval as an include path) or any task
+lmms-eval ships (``gqa``, ``pope``, ...). Prompts (``doc_to_text`` with the task's pre/post prompts),
+images (``doc_to_visual``), targets and scores (``process_results``) all come from lmms-eval's task
+object; this module only adapts them. Image columns stay undecoded until ``Task.doc``, which decodes
+them with ``tokbench.images`` (strict, and downscaled to the model's ``max_pixels`` when given).
 
 Names: ``vstar-synth`` = ``vstar_synth`` (tokbench's offline V*-like task, generated on first use into
-``tokbench.synth.data_root()``; ``vstar-synth-hires`` its V*-sized sibling for efficiency runs), ``vstar`` = lmms-eval's ``vstar_bench``; a name with ``-`` also
-matches its ``_`` spelling. A group or tag of exactly one task resolves to that task.
+``tokbench.synth.data_root()``; ``vstar-synth-hires`` is its V*-sized sibling for efficiency runs),
+``vstar`` = lmms-eval's ``vstar_bench``; a name with ``-`` also matches its ``_`` spelling. A group or tag of exactly one task resolves to that task.
 
 ``data_dir`` points a task at a local copy of its data instead of the Hugging Face hub:
 
@@ -16,7 +18,11 @@ matches its ``_`` spelling. A group or tag of exactly one task resolves to that 
 - a hub task: a directory written by ``datasets.DatasetDict.save_to_disk``; a hub snapshot directory
   (``hf download --repo-type dataset ...``: split-named parquet/json files, with the task's config
   name and ``data_files`` resolved inside it); or one ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv``
-  / ``.arrow`` file holding the task's evaluation split.
+  / ``.arrow`` file holding the task's evaluation split (a parquet without the Hugging Face schema,
+  whose images read back as ``{bytes, path}`` dicts, included).
+
+Without ``data_dir``, a hub task loads from the hub or the ``datasets`` cache; offline, a snapshot in
+the hub cache is read as if passed as ``data_dir``.
 
 lmms-eval is imported only when a task is loaded (it takes seconds), and its loguru output and the
 ``datasets`` progress bars are silenced while tokbench calls into it.
@@ -25,25 +31,22 @@ lmms-eval is imported only when a task is loaded (it takes seconds), and its log
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tokbench.images import as_list, load_visuals, undecoded, undecoded_process_docs
+from tokbench.task_data import TaskError, data_override, offline_source
 
 if TYPE_CHECKING:
     import PIL.Image
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+TASKS_DIR = (Path(__file__).parent / "lmms_tasks").resolve()  # in a checkout: a link to tasks/
 ALIASES = {"vstar-synth": "vstar_synth", "vstar-synth-hires": "vstar_synth_hires", "vstar": "vstar_bench"}
-_LOCAL_BUILDERS = {"json", "parquet", "csv", "arrow", "text", "pandas", "imagefolder", "audiofolder", "webdataset"}
-_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
-
-
-class TaskError(ValueError):
-    """A task name or its data cannot be resolved (one-line message)."""
+_LMMS_LOGGERS = ("lmms_eval", "utils")  # lmms-eval imports a task's !function file as module `utils`
 
 
 class DocError(RuntimeError):
@@ -69,7 +72,7 @@ class Task:
         self.version = _version(lmms_task)
         self.gen_kwargs = dict(lmms_task.config.generation_kwargs or {})
         self._data_dir = data_dir
-        self._docs = lmms_task.eval_docs
+        self._docs, self._image_columns = undecoded(lmms_task.eval_docs)
         self._docs_no_media = getattr(lmms_task, "eval_docs_no_media", self._docs)
         self._len = len(self._docs) if limit is None else min(limit, len(self._docs))
 
@@ -89,15 +92,21 @@ class Task:
     def doc_ids(self) -> list[int]:
         return list(range(self._len))
 
-    def doc(self, doc_id: int) -> Doc:
-        """Load one document; a missing or undecodable image, or a question that is empty once the task's
-        pre/post prompts are taken off, raises ``DocError`` naming the doc (and the file)."""
+    def doc(self, doc_id: int, max_pixels: int | None = None) -> Doc:
+        """Load one document; a missing, truncated or undecodable image (``tokbench.images``), a
+        decompression bomb, or a question that is empty once the task's pre/post prompts are taken off,
+        raises ``DocError`` naming the doc (and the file).
+
+        ``max_pixels``: the model's pixel budget (Qwen2.5-VL's ``max_pixels``); images larger than the
+        model's target size are downscaled while decoding to a size with the same token grid
+        (``tokbench.images.decode_image``). None: images at their stored size.
+        """
         self._check(doc_id)
         task = self.lmms_task
         try:
             with _quiet():
                 row = self._docs[doc_id]
-                visuals = task.doc_to_visual(row)
+                visuals = load_visuals(task.doc_to_visual, row, self._image_columns, max_pixels)
                 prompt = task.doc_to_text(row)
                 target = task.doc_to_target(row)
         except Exception as err:  # noqa: BLE001 - any failure becomes one message naming the doc
@@ -107,12 +116,12 @@ class Task:
         if not core.strip():
             raise DocError(f"task {self.name} doc {doc_id}: empty question")
         images = []
-        for visual in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
+        for visual in visuals:
             if not hasattr(visual, "convert"):
                 raise DocError(
                     f"task {self.name} doc {doc_id} gives a {type(visual).__name__} visual; tokbench handles images only"
                 )
-            images.append(visual.convert("RGB"))
+            images.append(visual if visual.mode == "RGB" else visual.convert("RGB"))
         if isinstance(target, list):
             target = " | ".join(str(t) for t in target)
         return Doc(doc_id, images, str(prompt), str(target), _small_fields(self._docs_no_media[doc_id]))
@@ -147,13 +156,8 @@ class Task:
     def _files(self, doc_id: int) -> str:
         """' (image images/000003.png in /data/dir)' for the doc's image columns, when they hold paths."""
         try:
-            import datasets
-
-            docs, paths = self._docs, []
-            for column, feature in docs.features.items():
-                if isinstance(feature, datasets.Image):
-                    raw = docs.cast_column(column, datasets.Image(decode=False))[doc_id][column]
-                    paths.append((raw or {}).get("path") or "<embedded bytes>")
+            row = self._docs[doc_id]
+            paths = [(raw or {}).get("path") or "<embedded bytes>" for c in self._image_columns for raw in as_list(row[c])]
         except Exception:  # noqa: BLE001 - only decorates an error message
             return ""
         where = f" in {self._data_dir}" if self._data_dir else ""
@@ -172,8 +176,8 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None) 
     """Resolve ``name`` (module docstring) and load its evaluation split through lmms-eval.
 
     Raises ``TaskError`` with one line: an unknown name lists close matches; a hub dataset that is not
-    cached while the network is off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) or fails to load names
-    the dataset and suggests ``--data-dir``.
+    cached while the network is off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) names the ``hf download``
+    to run and the ``--data-dir`` to pass; one that fails to load names the dataset and suggests ``--data-dir``.
     """
     canonical = _canonical(name)
     own = _own_tasks()
@@ -185,16 +189,16 @@ def load_task(name: str, data_dir: str | None = None, limit: int | None = None) 
     canonical = _single_task(manager, canonical)
     entry = manager.task_index[canonical]
     config = _yaml_config(entry["yaml_path"])
-    override, local_dir = _data_override(canonical, config, data_dir)
+    override, local_dir = data_override(canonical, config, data_dir)
+    if not override and (snapshot := offline_source(canonical, config)) is not None:
+        override, local_dir = data_override(canonical, config, str(snapshot))
     dataset = override.get("dataset_path") if override else config.get("dataset_path")
-    if not override:
-        _check_cached(canonical, config)
     try:
         with _quiet():
-            if override:
-                loaded = manager.load_config({"task": canonical, **override})
-            else:
-                loaded = manager.load_task_or_group(canonical)
+            if entry["type"] == "task":  # a YAML task: images stay undecoded until Task.doc
+                hook = _yaml_config(entry["yaml_path"], mode="full").get("process_docs")
+                override = {**override, "process_docs": partial(undecoded_process_docs, hook)}
+            loaded = manager.load_config({"task": canonical, **override})
     except Exception as err:  # noqa: BLE001 - lmms-eval raises anything from datasets / tenacity / task utils
         err = _unwrap_retry(err)
         hint = "; pass --data-dir with a local copy" if not override else ""
@@ -264,127 +268,13 @@ def _single_task(manager, name: str) -> str:
     raise TaskError(f"task {name} is an lmms-eval {entry['type']} of {len(members)} tasks ({shown}); pass one of them")
 
 
-def _yaml_config(yaml_path) -> dict:
-    """The task's YAML with includes resolved, ``!function`` left unimported."""
+def _yaml_config(yaml_path, mode: str = "simple") -> dict:
+    """The task's YAML with includes resolved; ``!function`` left unimported (``mode="full"``: imported)."""
     from lmms_eval.utils import load_yaml_config
 
     if yaml_path in (None, -1):
         return {}
-    return load_yaml_config(yaml_path, mode="simple")
-
-
-# --- data location ---------------------------------------------------------------------------------
-
-
-def _data_override(name: str, config: dict, data_dir: str | None) -> tuple[dict, Path | None]:
-    """Config keys that point the task at local data (empty when it reads its usual source)."""
-    from tokbench.synth import data_root, ensure_vstar_synth
-    from tokbench.synth.vstar import VARIANTS
-
-    split = config.get("test_split") or config.get("validation_split") or "test"
-    if name.startswith("visual_cot"):
-        return _visual_cot_override(name, split, data_dir)
-    if name in VARIANTS:
-        path = Path(data_dir).expanduser() if data_dir else ensure_vstar_synth(**VARIANTS[name])
-        parquet = path if path.is_file() else path / "test.parquet"
-        if not parquet.is_file():
-            raise TaskError(f"task {name}: no test.parquet in {path} (make one with tokbench.synth.generate_vstar_synth)")
-        kwargs = {"data_files": {split: str(parquet)}, "cache_dir": str(data_root() / "hf-datasets")}
-        return {"dataset_path": "parquet", "dataset_name": None, "dataset_kwargs": kwargs}, parquet.parent
-    if data_dir is None:
-        return {}, None
-    path = Path(data_dir).expanduser().resolve()
-    if not path.exists():
-        raise TaskError(f"data dir {path} for task {name} does not exist")
-    if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise TaskError(f"data file {path} for task {name}: use {', '.join(sorted(_FILE_BUILDERS))}")
-        kwargs = {"data_files": {split: str(path)}, "cache_dir": str(data_root() / "hf-datasets")}
-        return {"dataset_path": builder, "dataset_name": None, "dataset_kwargs": kwargs}, path.parent
-    if (path / "dataset_dict.json").is_file():
-        return {"dataset_path": str(path), "dataset_name": None, "dataset_kwargs": {"load_from_disk": True}}, path
-    if (path / "state.json").is_file():
-        raise TaskError(f"{path} holds a single saved Dataset; save a DatasetDict with a {split!r} split instead")
-    kwargs = dict(config.get("dataset_kwargs") or {})  # a hub snapshot: name and data_files resolve inside it
-    if "video" not in kwargs:
-        kwargs.setdefault("cache_dir", str(data_root() / "hf-datasets"))
-    return {"dataset_path": str(path), "dataset_kwargs": kwargs}, path
-
-
-def _visual_cot_override(name: str, split: str, data_dir: str | None) -> tuple[dict, Path]:
-    """Visual-CoT tasks read one table built from the official layout (tokbench.visual_cot)."""
-    from tokbench.synth import data_root
-    from tokbench.synth.visual_cot import ensure_visual_cot_synth
-    from tokbench.visual_cot import VisualCoTError, build_table, subsets_for
-
-    if data_dir is None and name != "visual_cot_synth":
-        raise TaskError(
-            f"task {name} needs the Visual-CoT benchmark: pass --data-dir with the viscot_benchmark folder "
-            "and its images (docs/tasks.md)"
-        )
-    source = Path(data_dir).expanduser().resolve() if data_dir else ensure_visual_cot_synth()
-    try:
-        parquet = build_table(source, subsets_for(name))
-    except VisualCoTError as err:
-        raise TaskError(f"task {name}: {err}") from None
-    kwargs = {"data_files": {split: str(parquet)}, "cache_dir": str(data_root() / "hf-datasets")}
-    return {"dataset_path": "parquet", "dataset_name": None, "dataset_kwargs": kwargs}, source
-
-
-def _check_cached(name: str, config: dict) -> None:
-    """Fail fast when a hub dataset is not cached and the hub cannot be reached.
-
-    Without this, lmms-eval retries the download 5 times (and huggingface_hub retries each request),
-    which takes seconds offline and over a minute when DNS fails.
-    """
-    dataset = config.get("dataset_path")
-    if not isinstance(dataset, str) or "/" not in dataset or dataset in _LOCAL_BUILDERS:
-        return
-    if os.path.exists(os.path.expanduser(dataset)) or _in_hf_cache(dataset, config.get("dataset_kwargs")):
-        return
-    offline_vars = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in offline_vars):
-        why = "the network is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
-    elif not _hub_reachable():
-        why = "the hub cannot be reached"
-    else:
-        return
-    raise TaskError(
-        f"task {name} needs dataset {dataset}, which is not in the local HF cache and {why}; "
-        "pass --data-dir with a local copy"
-    )
-
-
-def _in_hf_cache(dataset: str, dataset_kwargs) -> bool:
-    """Whether the hub cache or a datasets cache has a directory for ``dataset`` (a cheap heuristic)."""
-    hf_home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
-    env = os.environ.get
-    hub = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or hf_home / "hub"
-    caches = [hub, env("LMMS_EVAL_DATASETS_CACHE"), env("HF_DATASETS_CACHE"), hf_home / "datasets"]
-    if isinstance(dataset_kwargs, dict):
-        caches.append(dataset_kwargs.get("cache_dir"))
-    wanted = {"datasets--" + dataset.replace("/", "--").lower(), dataset.replace("/", "___").lower()}
-    for cache in caches:
-        directory = Path(cache).expanduser() if cache else None
-        if directory and directory.is_dir() and any(child.name.lower() in wanted for child in directory.iterdir()):
-            return True
-    return False
-
-
-def _hub_reachable() -> bool:
-    """DNS lookup of the hub's host (skipped, i.e. True, behind a proxy)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
+    return load_yaml_config(yaml_path, mode=mode)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -392,17 +282,20 @@ def _hub_reachable() -> bool:
 
 @contextmanager
 def _quiet():
-    """lmms-eval logs through loguru (DEBUG by default): mute it and datasets' bars inside the block."""
+    """lmms-eval logs through loguru (DEBUG by default): mute it, the task hooks it imports (modules named
+    ``utils``, e.g. vstar_bench's per-answer DEBUG lines) and datasets' bars inside the block."""
     from loguru import logger
 
     from tokbench.synth import quiet_datasets
 
-    logger.disable("lmms_eval")
+    for name in _LMMS_LOGGERS:
+        logger.disable(name)
     try:
         with quiet_datasets():
             yield
     finally:
-        logger.enable("lmms_eval")
+        for name in _LMMS_LOGGERS:
+            logger.enable(name)
 
 
 def _version(lmms_task) -> str:

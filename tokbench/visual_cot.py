@@ -10,9 +10,9 @@ and without the box request; the reference answer is the last turn (GlimpsePrune
 ``build_table(data_dir, subsets)`` writes ``test.parquet`` (columns ``question_id``, ``subset``,
 ``question``, ``answer``, ``bbox``, ``image`` = the image file's path, opened per document) into the
 data cache and returns its path; the lmms-eval tasks in ``tasks/visual_cot*`` read it. ``data_dir`` may hold
-``benchmark/`` or ``viscot_benchmark/benchmark/`` or the JSON files directly; images are looked up
-under ``data_dir`` (then ``data_dir/images``, then with ``val/`` after the third path component, as
-the official loader does for subsets stored that way).
+``benchmark/`` or ``viscot_benchmark/benchmark/`` or the JSON files directly; GlimpsePrune's checkout
+(``viscot_benchmark/benchmark/`` beside ``datas/cot/<subset>/``) is such a directory. Images are looked
+up under ``data_dir``, ``data_dir/datas`` and ``data_dir/images`` (``_image_path``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SUBSETS = (
     "cub", "docvqa", "dude", "flickr30k", "gqa", "infographicsvqa",
     "openimages", "sroie", "textcap", "textvqa", "visual7w", "vsr",
 )  # fmt: skip  (GlimpsePrune's 12; Visual-CoT also has emotic)
-_TABLE_VERSION = 1  # bump when build_table's columns change: cached tables are rebuilt
+_TABLE_VERSION = 2  # bump when build_table's columns change: cached tables are rebuilt
 BOX_SENTENCE = "Please provide the bounding box coordinate of the region that can help you answer the question better."
 
 
@@ -81,11 +81,16 @@ def _row(record: dict, subset: str, root: Path) -> dict:
 
 
 def _image_path(root: Path, rel: str) -> Path:
-    """The image file for ``rel``; the first candidate when none exists (the doc then fails to load)."""
+    """The image file for ``rel`` (``image[0]``, e.g. ``cot/flickr30k/x.jpg``) under ``root``,
+    ``root/datas`` (GlimpsePrune's image folder) or ``root/images``; in each, also with ``val/`` after
+    the subset folder (``cot/flickr30k/val/x.jpg``), the official loader's fallback. The first candidate
+    when none exists (the doc then fails to load, naming it)."""
     parts = Path(rel).parts
-    candidates = [root / rel, root / "images" / rel]
-    if len(parts) > 3:
-        candidates.append(root.joinpath(*parts[:3], "val", *parts[3:]))
+    candidates = []
+    for base in (root, root / "datas", root / "images"):
+        candidates.append(base / rel)
+        if len(parts) >= 3:
+            candidates.append(base.joinpath(*parts[:2], "val", *parts[2:]))
     return next((c for c in candidates if c.is_file()), candidates[0])
 
 

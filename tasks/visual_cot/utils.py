@@ -38,11 +38,11 @@ def process_docs(dataset):
 
 
 def doc_to_visual(doc):
-    """The record's image, opened from its path (a missing file fails this document only)."""
-    from PIL import Image
+    """The record's image, decoded from its path by ``tokbench.images.decode_image`` (strict; a missing,
+    truncated or corrupt file fails this document only; downscaled within ``tokbench run``'s pixel budget)."""
+    from tokbench.images import decode_image
 
-    with Image.open(doc["image"]) as image:
-        return [image.convert("RGB")]
+    return [decode_image(doc["image"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
