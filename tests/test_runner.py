@@ -47,10 +47,10 @@ def test_corrupt_image_yields_one_error_row(tmp_path, monkeypatch):
 
     real = tasks.Task.doc
 
-    def doc(self, doc_id):
+    def doc(self, doc_id, max_pixels=None):
         if doc_id == 1:
             raise tasks.DocError("task vstar_synth doc 1: cannot read image images/00001.png")
-        return real(self, doc_id)
+        return real(self, doc_id, max_pixels)
 
     monkeypatch.setattr(tasks.Task, "doc", doc)
     config = RunConfig(model="tiny-llava", method="full", task="vstar-synth", limit=3, batch_size=2,
