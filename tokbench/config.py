@@ -1,4 +1,6 @@
-"""tokbench.toml: model aliases and defaults. The project's file is read first, then ./tokbench.toml."""
+"""tokbench.toml: model aliases and defaults. The project's file is read first, then ./tokbench.toml,
+then the file ``--config`` names (which must exist). Every value is type-checked when read, so a bad
+value is one line naming the file and the key, not a traceback later."""
 
 from __future__ import annotations
 
@@ -8,6 +10,18 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# [defaults] keys and their types; the CLI's options override them (tokbench/cli/build.py).
+DEFAULT_TYPES: dict[str, type] = {
+    "output": str,
+    "dtype": str,
+    "attn_implementation": str,
+    "batch_size": int,
+    "warmup": int,
+    "seed": int,
+}
+# [judge] keys and their types (tokbench.judge.JudgeConfig.from_table reads them).
+JUDGE_TYPES: dict[str, type] = {"url": str, "judge": str, "model": str, "key_env": str, "concurrency": int, "retries": int}
 
 
 class ConfigError(ValueError):
@@ -24,29 +38,46 @@ class Config:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: {err}; fix the TOML syntax there") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+
+
+def _type_name(kind: type) -> str:
+    return {int: "a whole number", str: "a string"}[kind]
+
+
+def _check(path: Path, section: str, table: dict[str, Any], types: dict[str, type] | None) -> None:
+    """Raise ConfigError for an unknown key or a value of the wrong type (``types`` None: strings)."""
+    for key, value in table.items():
+        kind = str if types is None else types.get(key)
+        if kind is None:
+            raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; known keys: {', '.join(types)}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"{path}: [{section}] {key} = {value!r} must be {_type_name(kind)}")
 
 
 def load_config(extra: Path | None = None) -> Config:
     """Merge the project's tokbench.toml, ./tokbench.toml and ``extra`` (later files win per key)."""
+    if extra is not None and not Path(extra).is_file():
+        raise ConfigError(f"config file {extra} does not exist; pass --config with an existing tokbench.toml")
     config = Config()
     candidates = [PROJECT_ROOT / "tokbench.toml", Path.cwd() / "tokbench.toml"]
     if extra is not None:
-        candidates.append(extra)
+        candidates.append(Path(extra))
     seen: set[Path] = set()
     for path in candidates:
         if not path.exists() or path.resolve() in seen:
             continue
         seen.add(path.resolve())
         data = _read(path)
-        for section in ("defaults", "models", "judge"):
+        for section, types in (("defaults", DEFAULT_TYPES), ("models", None), ("judge", JUDGE_TYPES)):
             value = data.get(section, {})
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
+            _check(path, section, value, types)
             getattr(config, section).update(value)
         config.sources.append(str(path))
     return config
