@@ -175,12 +175,12 @@ def split(text: str | None) -> list[str]:
 
 
 def numbers(text: str | None, kind: type, flag: str) -> list:
-    """A comma list of ``kind`` values; bad usage names the flag."""
+    """A comma list of ``kind`` values; bad usage (exit 2) names the flag."""
     try:
         return [kind(part) for part in split(text)]
     except ValueError:
         example = "0.25,0.5" if kind is float else "64,128"
-        raise typer.BadParameter(f"{flag} {text!r}: use a comma list such as {example}") from None
+        fail(f"{flag} {text!r}: use a comma list such as {example}", 2)
 
 
 def method_args(items: list[str], methods: list[str] | None = None) -> dict[str, dict[str, str]]:
@@ -197,9 +197,9 @@ def method_args(items: list[str], methods: list[str] | None = None) -> dict[str,
         scope, colon, name = key.partition(":")
         scope, name = (scope.strip(), name.strip()) if colon else ("", key.strip())
         if not sep or not name or (colon and not scope):
-            raise typer.BadParameter(f"--method-arg {item!r}: use key=value (or method:key=value)")
+            fail(f"--method-arg {item!r}: use key=value (or method:key=value)", 2)
         if scope and methods is not None and scope not in methods:
-            raise typer.BadParameter(f"--method-arg {item!r}: {scope!r} is not one of the methods run ({', '.join(methods)})")
+            fail(f"--method-arg {item!r}: {scope!r} is not one of the methods run ({', '.join(methods)})", 2)
         parsed.setdefault(scope, {})[name] = value.strip()
     return parsed
 

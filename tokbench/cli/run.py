@@ -71,6 +71,7 @@ def run(
             cfg.judge, judge=judge, model=judge_model, key_env=judge_key_env, concurrency=judge_concurrency
         )
         run_config = build_run_config(options, cfg, judge_config)
+        c.STATE["saved"] = run_config.output
         from tokbench.models import resolve_model
 
         target = resolve_model(model, cfg.models)
@@ -108,7 +109,7 @@ def _flat_args(items: list[str]) -> dict[str, str]:
     """``--method-arg`` of one run: key=value only."""
     scoped = c.method_args(items)
     if set(scoped) - {""}:
-        raise typer.BadParameter("--method-arg method:key=value is for sweeps; in a run pass key=value")
+        c.fail("--method-arg method:key=value is for sweeps; in a run pass key=value", 2)
     return scoped.get("", {})
 
 
@@ -122,7 +123,6 @@ def _progress():
 def _execute(run_config, aliases):
     from tokbench.runner import run as run_job
 
-    c.STATE["saved"] = run_config.output
     try:
         with _progress() as progress:
             bar = progress.add_task(f"{run_config.method} on {run_config.task}", total=None)
@@ -172,11 +172,12 @@ def sweep(
 
         cfg = load_config(config)
         base = build_run_config(options, cfg)
+        c.STATE["saved"] = base.output
         resolve_model(model, cfg.models)
         cells = plan(base, names, ratio_list, budget_list, scoped_args)
     except (*c.usage_errors(), OptionError) as err:
         c.fail(err, 2)
-    results = _run_cells(cells, cfg.models, base.output)
+    results = _run_cells(cells, cfg.models)
     _print_cells(results)
     failed = [r for r in results if r.status == "failed"]
     if failed:
@@ -188,10 +189,9 @@ def sweep(
         raise typer.Exit(3)
 
 
-def _run_cells(cells, aliases, output: str):
+def _run_cells(cells, aliases):
     from tokbench.sweep import run_sweep
 
-    c.STATE["saved"] = output
     try:
         with _progress() as progress:
             bar = progress.add_task("sweep", total=None)
