@@ -192,19 +192,21 @@ def test_list_models_columns_align():
     assert len(lines) >= 4 and len(starts) == 1
 
 
-def test_long_paths_are_never_wrapped(tmp_path):
+def test_long_paths_and_commands_are_never_wrapped(tmp_path):
     deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 6)
-    deep.mkdir(parents=True)
-    result = runner.invoke(app, ["judge", str(deep), "--judge", "exact"])
-    assert result.exit_code == 2 and str(deep) in result.output and len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["sweep", "--methods", "full", "--task", "vstar-synth", "--limit", "1", "--output", str(deep)])
+    assert result.exit_code == 0, result.output
+    assert f"report: tokbench report {deep}\n" in result.output  # the suggested command, on one line
+    empty = tmp_path.joinpath(*["another-long-folder-name"] * 6)
+    empty.mkdir(parents=True)
+    result = runner.invoke(app, ["judge", str(empty), "--judge", "exact"])
+    assert result.exit_code == 2 and str(empty) in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_run_without_budget_says_it_is_unpruned(tmp_path):
-    out = tmp_path.joinpath(*["results-folder-with-a-long-name"] * 4)
-    result = runner.invoke(app, ["run", "--method", "random", "--task", "vstar-synth", "--limit", "1", "--output", str(out)])
+    result = runner.invoke(app, ["run", "--method", "random", "--task", "vstar-synth", "--limit", "1", "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "note: no --ratio or --budget: random keeps every visual token" in result.output
-    assert f"results: {out}" in result.output  # one line, however long
     assert unpruned_note("glimpseprune", None, None, {}) is None and unpruned_note("full", None, None, {}) is None
     assert unpruned_note("random", 0.5, None, {}) is None and unpruned_note("fastv", None, 64, {}) is None
 
