@@ -85,6 +85,8 @@ USAGE = [  # (command, exit code, expected text of the one line)
     ([*SWEEP, "--warmup", "-1"], 2, "--warmup -1 must be >= 0"),
     ([*SWEEP, "--max-new-tokens", "0"], 2, "--max-new-tokens 0 must be >= 1"),
     (["bench", "--batch-size", "0"], 2, "--batch-size 0 must be >= 1"),
+    ([*RUN, "--batch-size", "four"], 2, "Invalid value for '--batch-size'"),
+    (["runn"], 2, "No such command 'runn'"),
     # item 12: tokbench.toml and --config
     ([*RUN, "--config", "TYPES_TOML"], 2, "[defaults] batch_size = 'four' must be a whole number"),
     ([*RUN, "--config", "KEY_TOML"], 2, "unknown key 'batchsize' in [defaults]"),

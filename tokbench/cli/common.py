@@ -16,13 +16,14 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
 STATE: dict[str, Any] = {"debug": False, "saved": None}
+# The UsageError of the click that typer runs on (typer >= 0.22 ships its own copy of click).
+UsageError: type[Exception] = typer.BadParameter.__base__
 _SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -75,7 +76,7 @@ def usage_errors() -> tuple[type[BaseException], ...]:
     )  # fmt: skip
 
 
-def writable_dir(path: Path, flag: str = "--output") -> Path:
+def writable_dir(path: Path, flag: str = "--output", what: str = "DIR") -> Path:
     """Create ``path`` if needed and check a file can be written there; exit 2 with one line if not."""
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -83,13 +84,13 @@ def writable_dir(path: Path, flag: str = "--output") -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        fail(f"{flag} {path} is not writable ({error.strerror or error}); pass {flag} DIR", 2)
+        fail(f"{flag} {path} is not writable ({error.strerror or error}); pass {flag} {what}", 2)
     return path
 
 
 def writable_file(path: Path, flag: str) -> Path:
     """Check that ``path`` (a file to create or append to) can be written; exit 2 with one line if not."""
-    writable_dir(path.parent, flag)
+    writable_dir(path.parent, flag, "FILE")
     if path.exists() and not path.is_file():
         fail(f"{flag} {path} is not a file; pass {flag} FILE", 2)
     try:
@@ -128,17 +129,21 @@ def interrupt_message() -> str:
 
 
 class Group(TyperGroup):
-    """The `tokbench` group: SIGINT and SIGTERM end any command with one line and exit 130 / 143."""
+    """The `tokbench` group: SIGINT and SIGTERM end any command with one line and exit 130 / 143; a
+    command-line parsing error (unknown option, wrong type) is one line and exit 2."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         STATE.update(signal=None, saved=None)
         main = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS} if main else {}
         try:
             return super().invoke(ctx)
+        except UsageError as error:  # unknown command or option, a value of the wrong type
+            where = error.ctx.command_path if error.ctx else "tokbench"
+            fail(f"{error.format_message()} (see {where} --help)", 2)
         except BaseException as error:
             interrupted = STATE["signal"] is not None or isinstance(error, KeyboardInterrupt)
-            finished = isinstance(error, (click.exceptions.Exit, typer.Exit)) and error.exit_code == 0
+            finished = isinstance(error, typer.Exit) and error.exit_code == 0
             if not interrupted or finished:
                 raise
             if STATE["signal"] is None:
