@@ -150,8 +150,8 @@ def test_interrupt_during_start_up_is_one_line(tmp_path, signum, code):
     assert process.returncode == code, output
     assert "Traceback" not in output, output
     lines = [line for line in output.splitlines() if "interrupted" in line]
-    assert lines == [f"interrupted ({signal.Signals(signum).name}); finished batches are saved under {out}. "
-                     "Rerun the same command to resume."], output  # fmt: skip
+    expected = f"interrupted ({signal.Signals(signum).name}); finished batches are saved under {out}. Rerun the same command to resume."
+    assert lines == [expected], output
 
 
 def test_help_and_list_import_no_torch():
@@ -160,7 +160,7 @@ def test_help_and_list_import_no_torch():
                 "try:\n    runpy.run_module('tokbench', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
                 "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'lmms_eval'})\n"
                 "print('HEAVY', heavy)")  # fmt: skip
-        result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, env=_env())
+        result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, env=_env(), check=False)
         assert result.returncode == 0, result.stderr
         assert "HEAVY []" in result.stdout, result.stdout[-500:]
 
@@ -168,9 +168,9 @@ def test_help_and_list_import_no_torch():
 def test_command_modules_import_one_way():
     """Any command module imports first on its own (no circle), and `python -m tokbench` works."""
     for module in ("run", "inspect", "judge", "results", "train", "bench", "common", "build", "table"):
-        result = subprocess.run([sys.executable, "-c", f"import tokbench.cli.{module}"], capture_output=True, text=True, env=_env())
+        result = subprocess.run([sys.executable, "-c", f"import tokbench.cli.{module}"], capture_output=True, text=True, env=_env(), check=False)
         assert result.returncode == 0, result.stderr
-    result = subprocess.run([sys.executable, "-m", "tokbench", "--help"], capture_output=True, text=True, env=_env())
+    result = subprocess.run([sys.executable, "-m", "tokbench", "--help"], capture_output=True, text=True, env=_env(), check=False)
     assert result.returncode == 0 and "sweep" in result.stdout
 
 
@@ -232,8 +232,9 @@ def test_report_off_a_terminal_is_markdown_and_fits_on_one(one_run):
     table = report([one_run])
     for width in (80, 120):
         rendered, hidden = fit_report(table, None, width)
-        console = Console(width=width, record=True, file=open(os.devnull, "w"))
-        console.print(rendered)
+        with open(os.devnull, "w") as devnull:
+            console = Console(width=width, record=True, file=devnull)
+            console.print(rendered)
         text = console.export_text()
         assert max(map(len, text.splitlines())) <= width and "…" not in text
         assert {"method", "acc", "n"} <= {col.header for col in rendered.columns}

@@ -38,7 +38,7 @@ def doc_commands() -> list[tuple[str, list[str]]]:
     """(file, argv without the leading `tokbench`) for each command line in a fenced code block, deduplicated."""
     found: dict[tuple[str, ...], str] = {}
     for path in DOCS:
-        for block in re.findall(r"```[\w-]*\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+        for block in re.findall(r"```[\w-]*\n(.*?)```", path.read_text(encoding="utf-8"), re.DOTALL):
             for line in re.sub(r"\\\n\s*", " ", block).splitlines():
                 line = line.strip()
                 if line.startswith("tokbench "):
