@@ -154,6 +154,22 @@ def test_interrupt_during_start_up_is_one_line(tmp_path, signum, code):
     assert lines == [expected], output
 
 
+def test_an_interrupt_a_library_wraps_is_still_one_line(capsys):
+    """transformers' lazy imports turn a KeyboardInterrupt into their own error: still one line, 143."""
+    from tokbench import interrupts
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, interrupts.handled():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises long before this ends
+        except KeyboardInterrupt as err:
+            raise RuntimeError("Failed to import transformers.models.qwen2_5_vl") from err
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err == "interrupted (SIGTERM); finished work is kept. Rerun the same command to resume.\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
 def test_help_and_list_import_no_torch():
     for command in (["--help"], ["list", "methods"]):
         code = ("import sys, runpy; sys.argv = ['tokbench', *sys.argv[1:]]\n"

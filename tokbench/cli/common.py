@@ -10,9 +10,7 @@ Adding a flag shared by several commands: declare it once below as an ``Annotate
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -21,10 +19,11 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-STATE: dict[str, Any] = {"debug": False, "saved": None}
+from tokbench import interrupts
+
+STATE: dict[str, Any] = {"debug": False}
 # The UsageError of the click that typer runs on (typer >= 0.22 ships its own copy of click).
 UsageError: type[Exception] = typer.BadParameter.__base__
-_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -107,56 +106,36 @@ def unscored_message(run_dir: Path, n: int, why: str | None) -> str:
     return f"{n} prediction(s) saved but not judged{reason}; score them with: tokbench judge {run_dir} [--judge ...]"
 
 
-# --- interrupts -----------------------------------------------------------------------------------
-class Interrupted(KeyboardInterrupt):
-    """SIGINT (Ctrl-C) or SIGTERM arrived; ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    STATE["signal"] = signum
-    raise Interrupted(signum)
-
-
-def interrupt_message() -> str:
-    """One line: what was kept and that the same command resumes."""
-    signum = STATE.get("signal") or signal.SIGINT
-    saved = f"finished batches are saved under {STATE['saved']}" if STATE["saved"] else "finished work is kept"
-    return f"interrupted ({signal.Signals(signum).name}); {saved}. Rerun the same command to resume."
+# --- the app ---------------------------------------------------------------------------------------
+def saving_to(path: str | Path) -> None:
+    """Name where finished batches go, for the line an interrupt prints."""
+    interrupts.STATE["saved"] = str(path)
 
 
 class Group(TyperGroup):
-    """The `tokbench` group: SIGINT and SIGTERM end any command with one line and exit 130 / 143; a
-    command-line parsing error (unknown option, wrong type) is one line and exit 2."""
+    """The `tokbench` group: SIGINT and SIGTERM end any command with one line and exit 130 / 143
+    (``tokbench.interrupts``); a command-line parsing error (unknown option, wrong type) is one line, exit 2."""
 
     def invoke(self, ctx: typer.Context) -> Any:
-        STATE.update(signal=None, saved=None)
-        main = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS} if main else {}
-        try:
-            return super().invoke(ctx)
-        except UsageError as error:  # unknown command or option, a value of the wrong type
-            where = error.ctx.command_path if error.ctx else "tokbench"
-            fail(f"{error.format_message()} (see {where} --help)", 2)
-        except BaseException as error:
-            interrupted = STATE["signal"] is not None or isinstance(error, KeyboardInterrupt)
-            finished = isinstance(error, typer.Exit) and error.exit_code == 0
-            if not interrupted or finished:
-                raise
-            if STATE["signal"] is None:
-                STATE["signal"] = signal.SIGINT
-            err().print(interrupt_message())
-            raise typer.Exit(_SIGNALS[STATE["signal"]]) from None
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        with interrupts.handled():
+            try:
+                return super().invoke(ctx)
+            except UsageError as error:  # unknown command or option, a value of the wrong type
+                where = error.ctx.command_path if error.ctx else "tokbench"
+                fail(f"{error.format_message()} (see {where} --help)", 2)
+
+
+class App(typer.Typer):
+    """The Typer app; called as a program (entry point, ``python -m tokbench``) it also turns an interrupt
+    before any command starts (while typer parses) into the one line."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with interrupts.handled():
+            return super().__call__(*args, **kwargs)
 
 
 def make_app() -> typer.Typer:
-    app = typer.Typer(
+    app = App(
         cls=Group,
         help="Benchmark visual-token compression methods for VLMs.",
         no_args_is_help=True,

@@ -71,7 +71,7 @@ def run(
             cfg.judge, judge=judge, model=judge_model, key_env=judge_key_env, concurrency=judge_concurrency
         )
         run_config = build_run_config(options, cfg, judge_config)
-        c.STATE["saved"] = run_config.output
+        c.saving_to(run_config.output)
         from tokbench.models import resolve_model
 
         target = resolve_model(model, cfg.models)
@@ -172,7 +172,7 @@ def sweep(
 
         cfg = load_config(config)
         base = build_run_config(options, cfg)
-        c.STATE["saved"] = base.output
+        c.saving_to(base.output)
         resolve_model(model, cfg.models)
         cells = plan(base, names, ratio_list, budget_list, scoped_args)
     except (*c.usage_errors(), OptionError) as err:
