@@ -183,7 +183,7 @@ def test_help_and_list_import_no_torch():
 
 def test_command_modules_import_one_way():
     """Any command module imports first on its own (no circle), and `python -m tokbench` works."""
-    for module in ("run", "inspect", "judge", "results", "train", "bench", "common", "build", "table"):
+    for module in ("run", "listing", "judge", "results", "train", "bench", "common", "build", "table"):
         result = subprocess.run([sys.executable, "-c", f"import tokbench.cli.{module}"], capture_output=True, text=True, env=_env(), check=False)
         assert result.returncode == 0, result.stderr
     result = subprocess.run([sys.executable, "-m", "tokbench", "--help"], capture_output=True, text=True, env=_env(), check=False)

@@ -1,6 +1,6 @@
 """The `tokbench` command (entry point ``tokbench.cli:app``; ``python -m tokbench``).
 
-One module per command group, each with a ``register(app)``: ``run`` (run, sweep), ``inspect`` (list,
+One module per command group, each with a ``register(app)``: ``run`` (run, sweep), ``listing`` (list,
 show), ``results`` (report, regress, plot, html), ``judge``, ``train`` (train-canary, train-glimpse),
 ``bench``. They share ``common`` (console, one-line errors, interrupts, options) and ``build`` (the
 RunConfig builder of run and sweep); imports go one way: this module → groups → common.
@@ -12,11 +12,11 @@ failed; 130 / 143 interrupted by SIGINT / SIGTERM (rerun the same command to res
 
 from __future__ import annotations
 
-from tokbench.cli import bench, inspect, judge, results, run, train
+from tokbench.cli import bench, judge, listing, results, run, train
 from tokbench.cli.common import make_app
 
 app = make_app()
-for _group in (run, inspect, judge, results, train, bench):
+for _group in (run, listing, judge, results, train, bench):
     _group.register(app)
 
 __all__ = ["app"]

@@ -100,6 +100,22 @@ def build_run_config(options: RunOptions, config: Config, judge: Any = None):
     return run_config
 
 
+def check_model(options: RunOptions, config: Config) -> None:
+    """Resolve ``--model`` (unknown alias, missing path) and, with ``--random-weights``, find its shipped
+    architecture config; raises the library's one-line errors."""
+    from tokbench.models import resolve_model
+    from tokbench.runner import RunValidationError
+
+    target = resolve_model(options.model, config.models)
+    if options.random_weights:
+        from tokbench.models.random_weights import config_name
+
+        try:
+            config_name(options.model, target)
+        except ValueError as err:
+            raise RunValidationError(str(err)) from None
+
+
 def unpruned_note(method: str, ratio: float | None, budget: int | None, method_args: dict[str, str]) -> str | None:
     """The one line that says a pruning method was given no budget (None when it needs no saying)."""
     if ratio is not None or budget is not None or method in DECIDES_WITHOUT_BUDGET:

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from tokbench.cli import common as c
-from tokbench.cli.build import OptionError, RunOptions, build_run_config, unpruned_note
+from tokbench.cli.build import OptionError, RunOptions, build_run_config, check_model, unpruned_note
 
 
 def run(
@@ -28,13 +28,11 @@ def run(
     dtype: c.DtypeOpt = None,
     attn: c.AttnOpt = None,
     max_new_tokens: c.MaxNewTokensOpt = None,
-    position_policy: Annotated[Optional[str], typer.Option(help="keep | reindex (default: the family's).")] = None,
+    position_policy: c.PositionPolicyOpt = None,
     data_dir: c.DataDirOpt = None,
-    random_weights: Annotated[
-        bool, typer.Option("--random-weights", help="Real architecture, random weights (efficiency only).")
-    ] = False,
+    random_weights: c.RandomWeightsOpt = False,
     max_pixels: c.MaxPixelsOpt = None,
-    save_masks: Annotated[bool, typer.Option("--save-masks", help="Store kept token indices per stage (a flag).")] = False,
+    save_masks: c.SaveMasksOpt = False,
     efficiency: Annotated[
         bool,
         typer.Option(
@@ -64,7 +62,7 @@ def run(
     try:
         from tokbench.config import load_config
         from tokbench.judge import JudgeConfig
-        from tokbench.runner import RunValidationError, validate
+        from tokbench.runner import validate
 
         cfg = load_config(config)
         judge_config = JudgeConfig.from_table(
@@ -72,16 +70,7 @@ def run(
         )
         run_config = build_run_config(options, cfg, judge_config)
         c.saving_to(run_config.output)
-        from tokbench.models import resolve_model
-
-        target = resolve_model(model, cfg.models)
-        if random_weights:
-            from tokbench.models.random_weights import config_name
-
-            try:
-                config_name(model, target)
-            except ValueError as err:
-                raise RunValidationError(str(err)) from None
+        check_model(options, cfg)
         validate(run_config)
     except (*c.usage_errors(), OptionError) as err:
         c.fail(err, 2)
@@ -147,8 +136,15 @@ def sweep(
     dtype: c.DtypeOpt = None,
     attn: c.AttnOpt = None,
     max_new_tokens: c.MaxNewTokensOpt = None,
+    position_policy: c.PositionPolicyOpt = None,
     max_pixels: c.MaxPixelsOpt = None,
     data_dir: c.DataDirOpt = None,
+    random_weights: c.RandomWeightsOpt = False,
+    save_masks: c.SaveMasksOpt = False,
+    judge: c.JudgeOpt = None,
+    judge_model: c.JudgeModelOpt = None,
+    judge_key_env: c.JudgeKeyOpt = None,
+    judge_concurrency: c.JudgeConcurrencyOpt = None,
     output: c.RunOutputOpt = None,
     config: c.ConfigOpt = None,
 ) -> None:
@@ -163,17 +159,21 @@ def sweep(
     scoped_args = c.method_args(method_arg, names)
     options = RunOptions(
         model=model, task=task, limit=limit, batch_size=batch_size, warmup=warmup, seed=seed, dtype=dtype,
-        attn=attn, max_new_tokens=max_new_tokens, max_pixels=max_pixels, data_dir=data_dir, output=output,
+        attn=attn, max_new_tokens=max_new_tokens, position_policy=position_policy, max_pixels=max_pixels,
+        data_dir=data_dir, random_weights=random_weights, save_masks=save_masks, output=output,
     )  # fmt: skip
     try:
         from tokbench.config import load_config
-        from tokbench.models import resolve_model
+        from tokbench.judge import JudgeConfig
         from tokbench.sweep import plan
 
         cfg = load_config(config)
-        base = build_run_config(options, cfg)
+        judge_config = JudgeConfig.from_table(
+            cfg.judge, judge=judge, model=judge_model, key_env=judge_key_env, concurrency=judge_concurrency
+        )
+        base = build_run_config(options, cfg, judge_config)
         c.saving_to(base.output)
-        resolve_model(model, cfg.models)
+        check_model(options, cfg)
         cells = plan(base, names, ratio_list, budget_list, scoped_args)
     except (*c.usage_errors(), OptionError) as err:
         c.fail(err, 2)
