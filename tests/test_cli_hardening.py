@@ -111,6 +111,10 @@ USAGE = [  # (command, exit code, expected text of the one line)
     ([*SWEEP, "--method-arg", "nope=1", "--output", "OUT"], 2, "does not accept argument 'nope'"),
     ([*SWEEP, "--method-arg", "fastv:k=1", "--output", "OUT"], 2, "'fastv' is not one of the methods run"),
     ([*RUN, "--method-arg", "fastv:k=1"], 2, "method:key=value is for sweeps"),
+    # structure: sweep takes run's options, checked by the same builder
+    ([*SWEEP, "--random-weights"], 2, "no shipped config for 'tiny-qwen2.5-vl' with --random-weights"),
+    ([*SWEEP[:-4], "--task", "visual-cot-synth", "--judge", "gpt-4"], 2, "unknown judge 'gpt-4'"),
+    ([*SWEEP, "--position-policy", "shift"], 2, "use keep or reindex"),
 ]
 
 
