@@ -11,16 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokbench.cli.common import OptionError
 from tokbench.config import Config
 
 # Methods that choose their own number of tokens when given no --ratio / --budget (GlimpsePrune:
 # its dynamic default); any other method then keeps every visual token, which a note says.
 DECIDES_WITHOUT_BUDGET = ("full", "glimpseprune")
 EFFICIENCY = {"batch_size": 4, "warmup": 3, "ratio": 0.111, "max_pixels": 3211264}  # GlimpsePrune's V* protocol
-
-
-class OptionError(ValueError):
-    """A command-line number or combination that cannot run (bad usage, exit 2)."""
 
 
 @dataclass
@@ -47,6 +44,10 @@ class RunOptions:
     save_masks: bool = False
     output: Path | None = None
     efficiency: bool = False
+    judge: str | None = None
+    judge_model: str | None = None
+    judge_key_env: str | None = None
+    judge_concurrency: int | None = None
 
 
 def _check_numbers(o: RunOptions) -> None:
@@ -56,8 +57,9 @@ def _check_numbers(o: RunOptions) -> None:
             raise OptionError(f"{flag} {value} must be >= {least}")
 
 
-def build_run_config(options: RunOptions, config: Config, judge: Any = None):
-    """The ``RunConfig`` these options describe (``judge``: a ``JudgeConfig`` or None)."""
+def build_run_config(options: RunOptions, config: Config):
+    """The ``RunConfig`` these options describe; the judge from ``--judge*``, then tokbench.toml's [judge]."""
+    from tokbench.judge import JudgeConfig
     from tokbench.runner import RunConfig
 
     o = options
@@ -92,7 +94,8 @@ def build_run_config(options: RunOptions, config: Config, judge: Any = None):
         random_weights=o.random_weights,
         max_pixels=max_pixels,
         save_masks=o.save_masks,
-        judge=judge,
+        judge=JudgeConfig.from_table(config.judge, judge=o.judge, model=o.judge_model, key_env=o.judge_key_env,
+                                     concurrency=o.judge_concurrency),  # fmt: skip
         output=str(o.output if o.output is not None else d.get("output", "results")),
     )
     if run_config.warmup < 0:  # from tokbench.toml

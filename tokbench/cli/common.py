@@ -60,8 +60,12 @@ def fail(error: BaseException | str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+class OptionError(ValueError):
+    """A command-line value or combination that cannot run (bad usage, exit 2)."""
+
+
 def usage_errors() -> tuple[type[BaseException], ...]:
-    """The library's one-line errors a user causes (exit 2)."""
+    """The one-line errors a user causes (exit 2): the CLI's and the library's."""
     from tokbench.config import ConfigError
     from tokbench.judge import JudgeError
     from tokbench.models import ModelError
@@ -71,7 +75,8 @@ def usage_errors() -> tuple[type[BaseException], ...]:
     from tokbench.tasks import TaskError
 
     return (
-        ConfigError, JudgeError, ModelError, BudgetError, MethodError, RunValidationError, ConfigMismatchError, TaskError
+        OptionError, ConfigError, JudgeError, ModelError, BudgetError, MethodError, RunValidationError,
+        ConfigMismatchError, TaskError,
     )  # fmt: skip
 
 

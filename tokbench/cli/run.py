@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from tokbench.cli import common as c
-from tokbench.cli.build import OptionError, RunOptions, build_run_config, check_model, unpruned_note
+from tokbench.cli.build import RunOptions, build_run_config, check_model, unpruned_note
 
 
 def run(
@@ -57,22 +57,19 @@ def run(
         limit=limit, batch_size=batch_size, warmup=warmup, seed=seed, dtype=dtype, attn=attn,
         max_new_tokens=max_new_tokens, position_policy=position_policy, data_dir=data_dir,
         random_weights=random_weights, max_pixels=max_pixels, save_masks=save_masks, output=output,
-        efficiency=efficiency,
+        efficiency=efficiency, judge=judge, judge_model=judge_model, judge_key_env=judge_key_env,
+        judge_concurrency=judge_concurrency,
     )  # fmt: skip
     try:
         from tokbench.config import load_config
-        from tokbench.judge import JudgeConfig
         from tokbench.runner import validate
 
         cfg = load_config(config)
-        judge_config = JudgeConfig.from_table(
-            cfg.judge, judge=judge, model=judge_model, key_env=judge_key_env, concurrency=judge_concurrency
-        )
-        run_config = build_run_config(options, cfg, judge_config)
+        run_config = build_run_config(options, cfg)
         c.saving_to(run_config.output)
         check_model(options, cfg)
         validate(run_config)
-    except (*c.usage_errors(), OptionError) as err:
+    except c.usage_errors() as err:
         c.fail(err, 2)
     note = unpruned_note(method, run_config.ratio, run_config.budget, run_config.method_args)
     if note:
@@ -160,22 +157,19 @@ def sweep(
     options = RunOptions(
         model=model, task=task, limit=limit, batch_size=batch_size, warmup=warmup, seed=seed, dtype=dtype,
         attn=attn, max_new_tokens=max_new_tokens, position_policy=position_policy, max_pixels=max_pixels,
-        data_dir=data_dir, random_weights=random_weights, save_masks=save_masks, output=output,
+        data_dir=data_dir, random_weights=random_weights, save_masks=save_masks, output=output, judge=judge,
+        judge_model=judge_model, judge_key_env=judge_key_env, judge_concurrency=judge_concurrency,
     )  # fmt: skip
     try:
         from tokbench.config import load_config
-        from tokbench.judge import JudgeConfig
         from tokbench.sweep import plan
 
         cfg = load_config(config)
-        judge_config = JudgeConfig.from_table(
-            cfg.judge, judge=judge, model=judge_model, key_env=judge_key_env, concurrency=judge_concurrency
-        )
-        base = build_run_config(options, cfg, judge_config)
+        base = build_run_config(options, cfg)
         c.saving_to(base.output)
         check_model(options, cfg)
         cells = plan(base, names, ratio_list, budget_list, scoped_args)
-    except (*c.usage_errors(), OptionError) as err:
+    except c.usage_errors() as err:
         c.fail(err, 2)
     results = _run_cells(cells, cfg.models)
     _print_cells(results)
