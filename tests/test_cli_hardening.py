@@ -208,6 +208,17 @@ def test_flags_read_as_flags_and_help_keeps_brackets():
     assert "[judge] table" in runner.invoke(app, ["judge", "--help"]).output
 
 
+def test_help_examples_are_never_rewrapped():
+    """Every `tokbench ...` example line of every command's help is printed whole, on one line."""
+    callbacks = {info.name or info.callback.__name__: info.callback for info in app.registered_commands}
+    for command in ("run", "sweep", "show", "judge", "report", "regress", "plot", "html", "bench", "train-canary",
+                    "train-glimpse"):  # fmt: skip
+        lines = [line.strip() for line in callbacks[command].__doc__.splitlines()]
+        examples = [line.split("   #")[0].rstrip() for line in lines if line.startswith("tokbench ")]
+        shown = runner.invoke(app, [command, "--help"]).output
+        assert examples and all(example in shown for example in examples), command
+
+
 def test_list_models_columns_align():
     lines = runner.invoke(app, ["list", "models"]).output.splitlines()
     starts = {line.index(target) for line in lines for target in [line.split()[1]]}

@@ -25,7 +25,9 @@ def bench(
 ) -> None:
     """Engine overhead vs plain HF, method TTFT vs an oracle drop, speedup vs FLOPs bound, memory (ratios).
 
-    Example: tokbench bench --model qwen2.5-vl-7b --random-weights --image 1344x1008 --batch-size 4 --ratio 0.111
+    \b
+    Example:
+      tokbench bench --model qwen2.5-vl-7b --random-weights --image 1344x1008 --batch-size 4 --ratio 0.111
     """
     for flag, value, least in (("--batch-size", batch_size, 1), ("--warmup", warmup, 0), ("--repeats", repeats, 1)):
         if value < least:

@@ -147,7 +147,7 @@ def make_app() -> typer.Typer:
         pretty_exceptions_show_locals=False,
         add_completion=False,
         rich_markup_mode=None,  # help text is printed as written: [judge] stays, flags show no <bool>
-        context_settings={"help_option_names": ["-h", "--help"]},
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
     )
 
     @app.callback()

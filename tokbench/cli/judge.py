@@ -58,7 +58,9 @@ def judge(
     A folder of runs judges every run under it. Exit 1 when predictions are left unscored (endpoint
     down); rerun the command to finish.
 
-    Example: tokbench judge results/<run_id> --judge http://localhost:8000/v1 --judge-model NAME
+    \b
+    Example:
+      tokbench judge results/<run_id> --judge http://localhost:8000/v1 --judge-model NAME
     """
     from tokbench.config import ConfigError, load_config
     from tokbench.judge import JudgeConfig, JudgeError, build_judge, judge_run

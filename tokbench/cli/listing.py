@@ -68,6 +68,7 @@ def show(
 ) -> None:
     """Draw which visual tokens each method keeps (pruned cells dimmed): live on one image, or from saved runs.
 
+    \b
     Examples:
       tokbench show --image cat.png --question "What colour?" --methods full,random,fastv --ratio 0.25 --output fig.png
       tokbench show results/full-run results/random-run --doc-id 3 --output doc3.png

@@ -42,7 +42,9 @@ def report(
 ) -> None:
     """Aggregate runs: accuracy (and vs `full`, with paired bootstrap 95% CIs), retention, FLOPs, TTFT, memory.
 
-    Example: tokbench report results/sweep --format md --output results/sweep/report
+    \b
+    Example:
+      tokbench report results/sweep --format md --output results/sweep/report
     """
     import sys
 
@@ -90,6 +92,7 @@ def regress(
 ) -> None:
     """Compare runs with a baseline; print a markdown table; exit 1 on a regression beyond tolerance.
 
+    \b
     Examples:
       tokbench regress results/ci --baseline results/baselines/ci.json --tol-acc 0.5 --tol-ttft 10%
       tokbench regress results/ci --write-baseline results/baselines/ci.json
@@ -133,7 +136,9 @@ def plot(
 ) -> None:
     """Paper figures (PNG + vector PDF): accuracy and TTFT vs retention, accuracy-TTFT Pareto front, peak memory.
 
-    Example: tokbench plot results/sweep --output figures/
+    \b
+    Example:
+      tokbench plot results/sweep --output figures/
     """
     from tokbench.plots import KINDS, plot as draw
 
@@ -157,7 +162,11 @@ def html(
     """A static HTML report (opens from disk, no server): sortable tables, figures, per-sample gallery.
 
     The gallery filters by method, task and correctness and shows kept-token overlays for runs made
-    with --save-masks. Example: tokbench html results/sweep --output report/
+    with --save-masks.
+
+    \b
+    Example:
+      tokbench html results/sweep --output report/
     """
     from tokbench.html_report import build
 

@@ -50,7 +50,9 @@ def run(
 ) -> None:
     """Run one method on one task and write DIR/<run_id>/samples.jsonl + manifest.json.
 
-    Example: tokbench run --method random --ratio 0.25 --task vstar-synth --model tiny-qwen2.5-vl
+    \b
+    Example:
+      tokbench run --method random --ratio 0.25 --task vstar-synth --model tiny-qwen2.5-vl
     """
     options = RunOptions(
         model=model, task=task, method=method, ratio=ratio, budget=budget, method_args=_flat_args(method_arg),
@@ -147,6 +149,7 @@ def sweep(
 ) -> None:
     """Run methods x ratios (or budgets) on one task and model, plus `full` once; skip complete cells.
 
+    \b
     Examples:
       tokbench sweep --methods random,pool --ratios 0.25,0.5 --task vstar-synth --limit 8 -o results/sweep
       tokbench sweep --methods fastv,pyramiddrop --ratios 0.5 --method-arg fastv:k=1 --task vstar-synth --limit 8

@@ -26,6 +26,7 @@ def train_canary(
 ) -> None:
     """Train a tiny model from scratch on CPU until the held-out vstar-synth accuracy is high.
 
+    \b
     Examples:
       tokbench train-canary --model tiny-qwen2.5-vl --steps 3000 --seed 0   # the shipped canary (docs/canary.md)
       tokbench train-canary --init canary.safetensors --start-size 448 --start-side 32 --lr 5e-4 --output more.safetensors
@@ -72,7 +73,10 @@ def train_glimpse(
     """Train GlimpsePrune's glimpse token + VIP on a frozen model (Dice + 0.1 BCE on the boxes' token mask).
 
     Writes the official checkpoint layout, loaded by --method glimpseprune --method-arg weights=DIR.
-    Example (the shipped canary VIP): tokbench train-glimpse --model tiny-qwen2.5-vl --steps 300 --batch-size 8 --lr 3e-4
+
+    \b
+    Example (the shipped canary VIP):
+      tokbench train-glimpse --model tiny-qwen2.5-vl --steps 300 --batch-size 8 --lr 3e-4
     """
     import torch
 
