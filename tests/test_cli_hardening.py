@@ -284,3 +284,34 @@ def test_sweep_method_args_reach_the_cells():
     assert [(cell.method, cell.method_args) for cell in cells] == [
         ("full", {}), ("fastv", {"k": "2"}), ("pyramiddrop", {"k": "1"})
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[defaults]\nbatch_size = "four"\n', "[defaults] batch_size = 'four' must be a whole number"),
+        ("[defaults]\nbatch_size = true\n", "[defaults] batch_size = True must be a whole number"),
+        ("[defaults]\ndtype = 16\n", "[defaults] dtype = 16 must be a string"),
+        ("[judge]\nconcurrency = 2.5\n", "[judge] concurrency = 2.5 must be a whole number"),
+        ("[judge]\nendpoint = 'x'\n", "unknown key 'endpoint' in [judge]"),
+        ('[models]\nmine = 3\n', "[models] mine = 3 must be a string"),
+        ("defaults = 1\n", "[defaults] must be a table"),
+    ],
+)
+def test_config_values_are_type_checked(tmp_path, text, message):
+    from tokbench.config import ConfigError, load_config
+
+    path = tmp_path / "tokbench.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {message}" or str(caught.value).startswith(f"{path}: {message}")
+
+
+def test_good_config_values_load(tmp_path):
+    from tokbench.config import load_config
+
+    path = tmp_path / "tokbench.toml"
+    path.write_text('[defaults]\nbatch_size = 4\noutput = "out"\n[judge]\nretries = 2\n[models]\nmine = "tiny:tiny-llava"\n')
+    config = load_config(path)
+    assert config.defaults["batch_size"] == 4 and config.judge["retries"] == 2 and config.models["mine"] == "tiny:tiny-llava"

@@ -45,8 +45,14 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
 
 
-def _type_name(kind: type) -> str:
-    return {int: "a whole number", str: "a string"}[kind]
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """TOML's value has ``kind`` (an int is a float too; a bool is no number)."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 def _check(path: Path, section: str, table: dict[str, Any], types: dict[str, type] | None) -> None:
@@ -55,8 +61,8 @@ def _check(path: Path, section: str, table: dict[str, Any], types: dict[str, typ
         kind = str if types is None else types.get(key)
         if kind is None:
             raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; known keys: {', '.join(types)}")
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigError(f"{path}: [{section}] {key} = {value!r} must be {_type_name(kind)}")
+        if not _is(value, kind):
+            raise ConfigError(f"{path}: [{section}] {key} = {value!r} must be {_TYPE_NAMES[kind]}")
 
 
 def load_config(extra: Path | None = None) -> Config:
