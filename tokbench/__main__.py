@@ -1,5 +1,8 @@
-"""`python -m tokbench` runs the CLI."""
+"""`python -m tokbench` runs the CLI; an interrupt while it imports is one line too (tokbench.interrupts)."""
 
-from tokbench.cli import app
+from tokbench.interrupts import handled
 
-app(prog_name="tokbench")
+with handled():
+    from tokbench.cli import app
+
+    app(prog_name="tokbench")

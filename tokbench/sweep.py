@@ -10,7 +10,7 @@ number of documents the task (with ``--limit``) has. An incomplete cell resumes 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,24 @@ class CellResult:
         return f"{self.config.method} {self.config.make_budget().label()}"
 
 
-def plan(base: RunConfig, methods: Sequence[str], ratios: Sequence[float] = (), budgets: Sequence[int] = ()) -> list[RunConfig]:
+def plan(
+    base: RunConfig,
+    methods: Sequence[str],
+    ratios: Sequence[float] = (),
+    budgets: Sequence[int] = (),
+    method_args: Mapping[str, Mapping[str, str]] | None = None,
+) -> list[RunConfig]:
     """``full`` first (once, whatever ``methods`` says), then each method at each ratio or budget.
+
+    ``method_args``: {method: {key: value}}; the key ``""`` applies to every method but ``full``
+    (a method's own entry wins), e.g. ``{"": {"k": "1"}}`` for FastV and PyramidDrop alike.
 
     >>> [(c.method, c.ratio) for c in plan(RunConfig("m", "x", "t"), ["random", "full"], [0.25, 0.5])]
     [('full', None), ('random', 0.25), ('random', 0.5)]
+    >>> [c.method_args for c in plan(RunConfig("m", "x", "t"), ["fastv"], [0.5], method_args={"": {"k": "1"}})]
+    [{}, {'k': '1'}]
     """
+    method_args = method_args or {}
     if ratios and budgets:
         raise RunValidationError("pass either --ratios or --budgets, not both")
     if not ratios and not budgets and any(m != REFERENCE for m in methods):
@@ -46,8 +58,9 @@ def plan(base: RunConfig, methods: Sequence[str], ratios: Sequence[float] = (), 
     for method in dict.fromkeys(methods):
         if method == REFERENCE:
             continue
-        cells += [replace(base, method=method, ratio=float(r), budget=None) for r in ratios]
-        cells += [replace(base, method=method, ratio=None, budget=int(b)) for b in budgets]
+        args = {**base.method_args, **method_args.get("", {}), **method_args.get(method, {})}
+        cells += [replace(base, method=method, ratio=float(r), budget=None, method_args=args) for r in ratios]
+        cells += [replace(base, method=method, ratio=None, budget=int(b), method_args=args) for b in budgets]
     return cells
 
 

@@ -1,4 +1,5 @@
-"""`tokbench train-canary`: train a tiny canary VLM from its random init (docs/canary.md)."""
+"""`tokbench train-canary | train-glimpse`: train the tiny canary VLM (docs/canary.md) and GlimpsePrune's
+glimpse token + VIP (docs/methods/glimpseprune.md). Exit codes: 0 success; 2 bad usage."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokbench.cli import _fail, out
+from tokbench.cli import common as c
 
 
 def train_canary(
     model: Annotated[str, typer.Option(help="tiny-qwen2.5-vl or tiny-llava.")] = "tiny-qwen2.5-vl",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Fresh items per step.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Fresh items per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, stable, cosine decay).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of the data stream and the optimizer.")] = 0,
     start_size: Annotated[int, typer.Option(help="Curriculum: image long side (px) at first; grows to 448.")] = 224,
@@ -21,15 +22,14 @@ def train_canary(
     init: Annotated[
         Optional[Path], typer.Option("--init", help="Continue from these weights (safetensors) instead of the random init.")
     ] = None,
-    out_path: Annotated[
-        Optional[Path], typer.Option("--out", help="safetensors file (default: the shipped canary asset).")
-    ] = None,
+    output: Annotated[Optional[Path], c.output_option("safetensors file (default: the shipped canary asset).")] = None,
 ) -> None:
     """Train a tiny model from scratch on CPU until the held-out vstar-synth accuracy is high.
 
+    \b
     Examples:
       tokbench train-canary --model tiny-qwen2.5-vl --steps 3000 --seed 0   # the shipped canary (docs/canary.md)
-      tokbench train-canary --init canary.safetensors --start-size 448 --start-side 32 --lr 5e-4 --out more.safetensors
+      tokbench train-canary --init canary.safetensors --start-size 448 --start-side 32 --lr 5e-4 --output more.safetensors
     """
     import torch
 
@@ -39,7 +39,9 @@ def train_canary(
     from tokbench.train.canary import CanaryConfig, save_weights, train
 
     if model not in TINY_MODELS:
-        _fail(ValueError(f"train-canary trains {' or '.join(TINY_MODELS)}, not {model!r}"), 2)
+        c.fail(f"train-canary trains {' or '.join(TINY_MODELS)}, not {model!r}", 2)
+    if output is not None:
+        c.writable_dir(output.parent)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     adapter = load_model(f"{model}-random", load_config().models, dtype="float32", device="cpu")
     if init is not None:
@@ -48,10 +50,10 @@ def train_canary(
         load_weights(adapter.model, str(init))
     cfg = CanaryConfig(model=model, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                        start_size=start_size, start_side=start_side)  # fmt: skip
-    result = train(adapter, cfg, log=out.print)
-    path = save_weights(adapter, out_path or ASSETS / f"{model}.safetensors")
+    result = train(adapter, cfg, log=c.out().print)
+    path = save_weights(adapter, output or ASSETS / f"{model}.safetensors")
     acc, nan = result["accuracy"], float("nan")
-    out.print(f"held-out accuracy {acc['all']:.3f} (direct {acc.get('direct_attributes', nan):.3f}, relative "
+    c.out().print(f"held-out accuracy {acc['all']:.3f} (direct {acc.get('direct_attributes', nan):.3f}, relative "
               f"{acc.get('relative_position', nan):.3f}) after {steps} steps ({result['seconds']:.0f} s); wrote {path}")  # fmt: skip
 
 
@@ -60,18 +62,21 @@ def train_glimpse(
     data: Annotated[str, typer.Option(help="vstar-synth (generated, with boxes) or a Visual-CoT training .jsonl.")] = "vstar-synth",
     image_dir: Annotated[Optional[Path], typer.Option("--image-dir", help="Images of a .jsonl (DIR/cot/<dataset>/<image>).")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps (official: 2500 = 20K samples / 8).")] = 2500,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step (official: 1 x 8 accumulation).")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per step (official: 1 x 8 accumulation).")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (official 1e-4; cosine, 10% warm-up).")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of the init, the data order and the optimizer.")] = 0,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto | float32 | bfloat16 | float16.")] = "auto",
-    out_dir: Annotated[
-        Optional[Path], typer.Option("--out", help="Directory for config.json + new_modules_gp.pt (default: shipped asset for tiny models).")
+    output: Annotated[
+        Optional[Path], c.output_option("Directory for config.json + new_modules_gp.pt (default: shipped asset for tiny models).")
     ] = None,
 ) -> None:
     """Train GlimpsePrune's glimpse token + VIP on a frozen model (Dice + 0.1 BCE on the boxes' token mask).
 
     Writes the official checkpoint layout, loaded by --method glimpseprune --method-arg weights=DIR.
-    Example (the shipped canary VIP): tokbench train-glimpse --model tiny-qwen2.5-vl --steps 300 --batch-size 8 --lr 3e-4
+
+    \b
+    Example (the shipped canary VIP):
+      tokbench train-glimpse --model tiny-qwen2.5-vl --steps 300 --batch-size 8 --lr 3e-4
     """
     import torch
 
@@ -80,8 +85,10 @@ def train_glimpse(
     from tokbench.models.tiny import TINY_MODELS, glimpse_weights_dir
     from tokbench.train.glimpse import GlimpseTrainConfig, GlimpseTrainer
 
-    if out_dir is None and model not in TINY_MODELS:
-        _fail(ValueError("pass --out DIR for the trained glimpse weights"), 2)
+    if output is None and model not in TINY_MODELS:
+        c.fail("pass --output DIR for the trained glimpse weights", 2)
+    if output is not None:
+        c.writable_dir(output)
     cfg = GlimpseTrainConfig(data=data, image_dir=str(image_dir) if image_dir else None, steps=steps,
                              batch_size=batch_size, lr=lr, seed=seed)  # fmt: skip
     try:
@@ -89,11 +96,11 @@ def train_glimpse(
         if adapter.device.type == "cpu":
             torch.set_num_threads(min(torch.get_num_threads(), 2))
         trainer = GlimpseTrainer(adapter, cfg)
-        result = trainer.train(log=out.print)
+        result = trainer.train(log=c.out().print)
     except ValueError as err:
-        _fail(err, 2)
-    path = trainer.save(out_dir or glimpse_weights_dir(model))
-    out.print(f"held-out: kept {result['kept']:.3f} of tokens, box recall {result['recall']:.2f}, "
+        c.fail(err, 2)
+    path = trainer.save(output or glimpse_weights_dir(model))
+    c.out().print(f"held-out: kept {result['kept']:.3f} of tokens, box recall {result['recall']:.2f}, "
               f"loss {result['loss']:.3f} ({result['seconds']:.0f} s); wrote {path}")  # fmt: skip
 
 
