@@ -57,7 +57,7 @@ def test_complete_cells_are_skipped_incomplete_ones_resumed(tmp_path, monkeypatc
     _stored_run(cells[1], 2)  # random 0.25: half done → resumed
     _stored_run(cells[2], 4, task_version="0")  # random 0.5: another task version → rerun
     ran = []
-    monkeypatch.setattr(sweep_module, "validate", lambda config: (None, _FakeTask()))
+    monkeypatch.setattr(sweep_module, "validate", lambda config, aliases=None: (None, _FakeTask()))
     monkeypatch.setattr(sweep_module, "run", lambda config, aliases, on_batch=None: ran.append(config) or
                         SimpleNamespace(run_dir=tmp_path, summary={"n": 4}))  # fmt: skip
     results = run_sweep(cells, {})
@@ -75,7 +75,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
             raise RuntimeError("out of memory")
         return SimpleNamespace(run_dir=tmp_path, summary={"n": 4})
 
-    monkeypatch.setattr(sweep_module, "validate", lambda config: (None, _FakeTask()))
+    monkeypatch.setattr(sweep_module, "validate", lambda config, aliases=None: (None, _FakeTask()))
     monkeypatch.setattr(sweep_module, "run", run)
     results = run_sweep(cells, {})
     assert [r.status for r in results] == ["failed", "ran"] and "out of memory" in results[0].error

@@ -22,7 +22,8 @@ DEFAULT_TYPES: dict[str, type] = {
     "seed": int,
 }
 # [judge] keys and their types (tokbench.judge.JudgeConfig.from_table reads them).
-JUDGE_TYPES: dict[str, type] = {"url": str, "judge": str, "model": str, "key_env": str, "concurrency": int, "retries": int}
+JUDGE_TYPES: dict[str, type] = {"url": str, "judge": str, "model": str, "key_env": str, "concurrency": int, "retries": int,
+               "timeout": float, "retry_budget": int}
 
 
 class ConfigError(ValueError):

@@ -82,12 +82,20 @@ def find_complete(config: RunConfig, task_version: Any, expected_n: int) -> Path
     return None
 
 
-def prepare(cells: Sequence[RunConfig]) -> list[tuple[RunConfig, Path | None]]:
-    """Validate every cell (raising the first usage error) and find those already complete."""
+def prepare(cells: Sequence[RunConfig], aliases: dict[str, str] | None = None) -> list[tuple[RunConfig, Path | None, str | None]]:
+    """Validate every cell before any model loads: (config, its complete run dir or None, why it cannot run
+    or None). A budget or method argument this model cannot reach is that cell's failure (the grid goes
+    on); any other usage error (unknown task, bad output dir) is raised."""
+    from tokbench.pruner import BudgetError, MethodError
+
     prepared = []
     for config in cells:
-        _, task = validate(config)
-        prepared.append((config, find_complete(config, task.version, len(task.doc_ids()))))
+        try:
+            _, task = validate(config, aliases)
+        except (BudgetError, MethodError) as err:
+            prepared.append((config, None, f"{type(err).__name__}: {err}"))
+            continue
+        prepared.append((config, find_complete(config, task.version, len(task.doc_ids())), None))
     return prepared
 
 
@@ -102,7 +110,10 @@ def run_sweep(
     cell that runs, ``on_batch(done, total)`` as ``runner.run`` reports. A cell that raises is recorded
     as failed and the sweep goes on, except for ``usage_errors`` and KeyboardInterrupt, which stop it."""
     results = []
-    for index, (config, done_dir) in enumerate(prepare(cells)):
+    for index, (config, done_dir, unreachable) in enumerate(prepare(cells, aliases)):
+        if unreachable is not None:
+            results.append(CellResult(config, "failed", error=unreachable))
+            continue
         if done_dir is not None:
             summary = json.loads((done_dir / "manifest.json").read_text(encoding="utf-8")).get("summary")
             results.append(CellResult(config, "skipped", done_dir, summary))

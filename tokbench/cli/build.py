@@ -48,6 +48,7 @@ class RunOptions:
     judge_model: str | None = None
     judge_key_env: str | None = None
     judge_concurrency: int | None = None
+    judge_timeout: float | None = None
 
 
 def _check_numbers(o: RunOptions) -> None:
@@ -95,7 +96,7 @@ def build_run_config(options: RunOptions, config: Config):
         max_pixels=max_pixels,
         save_masks=o.save_masks,
         judge=JudgeConfig.from_table(config.judge, judge=o.judge, model=o.judge_model, key_env=o.judge_key_env,
-                                     concurrency=o.judge_concurrency),  # fmt: skip
+                                     concurrency=o.judge_concurrency, timeout=o.judge_timeout),  # fmt: skip
         output=str(o.output if o.output is not None else d.get("output", "results")),
     )
     if run_config.warmup < 0:  # from tokbench.toml

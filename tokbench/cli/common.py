@@ -226,6 +226,11 @@ JudgeKeyOpt = Annotated[
     Optional[str], typer.Option("--judge-key-env", help="Env var holding the judge's API key (default OPENAI_API_KEY).")
 ]
 JudgeConcurrencyOpt = Annotated[Optional[int], typer.Option("--judge-concurrency", help="Judge calls in flight (8).")]
+JudgeTimeoutOpt = Annotated[Optional[float], typer.Option("--judge-timeout", help="Seconds one judge request may take (60).")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option("--wait", help="If another process holds the run directory, wait for it to finish instead of refusing."),
+]
 
 
 def output_option(help: str) -> Any:

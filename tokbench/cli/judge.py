@@ -49,6 +49,8 @@ def judge(
     judge_model: c.JudgeModelOpt = None,
     judge_key_env: c.JudgeKeyOpt = None,
     judge_concurrency: c.JudgeConcurrencyOpt = None,
+    judge_timeout: c.JudgeTimeoutOpt = None,
+    wait: c.WaitOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Re-score rows that already have a score.")] = False,
     config: c.ConfigOpt = None,
 ) -> None:
@@ -63,7 +65,9 @@ def judge(
       tokbench judge results/<run_id> --judge http://localhost:8000/v1 --judge-model NAME
     """
     from tokbench.config import ConfigError, load_config
-    from tokbench.judge import JudgeConfig, JudgeError, build_judge, judge_run
+    from tokbench.judge import JudgeConfig, JudgeError, JudgeInterrupted, build_judge, judge_run
+    from tokbench.runlock import RunLockedError
+    from tokbench.store import DiskFullError, ManifestError
 
     runs = find_runs(run_dirs)
     pending, run_dir = 0, runs[0]
@@ -73,15 +77,21 @@ def judge(
             saved = _saved_judge(run_dir)
             base = {**table, **{k: v for k, v in saved.items() if v is not None}}
             judge_config = JudgeConfig.from_table(
-                base, judge=judge, model=judge_model, key_env=judge_key_env, concurrency=judge_concurrency
+                base, judge=judge, model=judge_model, key_env=judge_key_env, concurrency=judge_concurrency,
+                timeout=judge_timeout,
             )
-            report = judge_run(run_dir, build_judge(judge_config), judge_config.concurrency, force=force)
+            report = judge_run(run_dir, build_judge(judge_config), judge_config.concurrency, force=force, wait=wait)
             c.out().print(f"{run_dir}: judged {report.judged}, judge calls {report.calls}, unscored {report.pending}")
             if report.pending:
                 c.note(c.unscored_message(run_dir, report.pending, report.error))
             pending += report.pending
-    except (ConfigError, JudgeError) as err:
+    except (ConfigError, JudgeError, ManifestError) as err:
         c.fail(err, 2)
+    except (DiskFullError, RunLockedError) as err:
+        c.fail(err, 1)
+    except JudgeInterrupted as err:
+        c.note(str(err))
+        raise typer.Exit(130) from None
     except (ValueError, OSError, TypeError, KeyError) as err:  # a corrupt samples file or manifest
         c.fail(err if str(run_dir) in str(err) else f"{run_dir}: {err}", 2)
     if pending:

@@ -45,6 +45,8 @@ def run(
     judge_model: c.JudgeModelOpt = None,
     judge_key_env: c.JudgeKeyOpt = None,
     judge_concurrency: c.JudgeConcurrencyOpt = None,
+    judge_timeout: c.JudgeTimeoutOpt = None,
+    wait: c.WaitOpt = False,
     output: c.RunOutputOpt = None,
     config: c.ConfigOpt = None,
 ) -> None:
@@ -60,7 +62,7 @@ def run(
         max_new_tokens=max_new_tokens, position_policy=position_policy, data_dir=data_dir,
         random_weights=random_weights, max_pixels=max_pixels, save_masks=save_masks, output=output,
         efficiency=efficiency, judge=judge, judge_model=judge_model, judge_key_env=judge_key_env,
-        judge_concurrency=judge_concurrency,
+        judge_concurrency=judge_concurrency, judge_timeout=judge_timeout,
     )  # fmt: skip
     try:
         from tokbench.config import load_config
@@ -70,13 +72,13 @@ def run(
         run_config = build_run_config(options, cfg)
         c.saving_to(run_config.output)
         check_model(options, cfg)
-        validate(run_config)
+        validate(run_config, cfg.models)
     except c.usage_errors() as err:
         c.fail(err, 2)
     note = unpruned_note(method, run_config.ratio, run_config.budget, run_config.method_args)
     if note:
         c.note(note)
-    result = _execute(run_config, cfg.models)
+    result = _execute(run_config, cfg.models, wait)
     if result.summary is None:  # a non-main process of a data-parallel run: the main one reports
         return
     from tokbench.summary import summary_table
@@ -108,13 +110,14 @@ def _progress():
                     TimeElapsedColumn(), console=c.err(), transient=True)  # fmt: skip
 
 
-def _execute(run_config, aliases):
+def _execute(run_config, aliases, wait: bool = False):
     from tokbench.runner import run as run_job
 
     try:
         with _progress() as progress:
             bar = progress.add_task(f"{run_config.method} on {run_config.task}", total=None)
-            return run_job(run_config, aliases, on_batch=lambda done, total: progress.update(bar, completed=done, total=total))
+            return run_job(run_config, aliases, on_batch=lambda done, total: progress.update(bar, completed=done, total=total),
+                           wait=wait)
     except c.usage_errors() as err:
         c.fail(err, 2)
     except Exception as err:  # noqa: BLE001 - one line; --debug shows the traceback
@@ -144,6 +147,7 @@ def sweep(
     judge_model: c.JudgeModelOpt = None,
     judge_key_env: c.JudgeKeyOpt = None,
     judge_concurrency: c.JudgeConcurrencyOpt = None,
+    judge_timeout: c.JudgeTimeoutOpt = None,
     output: c.RunOutputOpt = None,
     config: c.ConfigOpt = None,
 ) -> None:
@@ -162,6 +166,7 @@ def sweep(
         attn=attn, max_new_tokens=max_new_tokens, position_policy=position_policy, max_pixels=max_pixels,
         data_dir=data_dir, random_weights=random_weights, save_masks=save_masks, output=output, judge=judge,
         judge_model=judge_model, judge_key_env=judge_key_env, judge_concurrency=judge_concurrency,
+        judge_timeout=judge_timeout,
     )  # fmt: skip
     try:
         from tokbench.config import load_config
