@@ -28,17 +28,19 @@ SKIP = [  # (regex on the command line, why it cannot run here)
     (r"<\w+>|\bPATH\b|\.\.\.", "a placeholder the reader fills in"),
     (r"\*", "a shell glob over the runs of the loop above it"),
     (r"results/masks", "reads the runs of the (skipped) loop above it"),
-    (r"results/eff-7b", "reads the runs of the (skipped) real-model commands above it"),
     (r"train-canary|train-glimpse", "minutes of training (tests/test_canary.py, tests/test_train_glimpse.py run it small)"),
     (r"photo\.png", "an image the reader supplies"),
 ]
 
 
 def doc_commands() -> list[tuple[str, list[str]]]:
-    """(file, argv without the leading `tokbench`) for each command line in a fenced code block, deduplicated."""
+    """(file, argv without the leading `tokbench`) for each command line in a fenced code block (not ```text
+    blocks, which show output), deduplicated."""
     found: dict[tuple[str, ...], str] = {}
     for path in DOCS:
-        for block in re.findall(r"```[\w-]*\n(.*?)```", path.read_text(encoding="utf-8"), re.DOTALL):
+        for lang, block in re.findall(r"```([\w-]*)\n(.*?)```", path.read_text(encoding="utf-8"), re.DOTALL):
+            if lang == "text":  # printed output, not commands
+                continue
             for line in re.sub(r"\\\n\s*", " ", block).splitlines():
                 line = line.strip()
                 if line.startswith("tokbench "):

@@ -143,3 +143,15 @@ def test_sweep_regress_and_plot(swept, tmp_path):
     result = cli.invoke(app, ["plot", str(out), "--out", str(tmp_path / "fig")])
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "fig").iterdir()} >= {"accuracy_retention.png", "accuracy_retention.pdf"}
+
+
+def test_cli_sweep_records_an_unreachable_cell_as_failed_and_runs_the_rest(tmp_path):
+    """FastV (k=2 of 4 layers) cannot reach 0.1: that cell fails with its reason before any model loads;
+    the reachable cell and `full` run."""
+    args = ["sweep", "--methods", "fastv", "--ratios", "0.1,0.6", "--task", "vstar-synth", "--model", "tiny-qwen2.5-vl",
+            "--limit", "1", "-o", str(tmp_path)]  # fmt: skip
+    result = cli.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "unreachable" in result.output and "k=1" in result.output
+    runs = sorted(p.name.split("__")[1:3] for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == [["fastv", "r0.6"], ["full", "r1"]]

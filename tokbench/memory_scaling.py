@@ -31,7 +31,8 @@ from tokbench.pruner import Budget, Stage, build_method, method_names
 
 PRE_LLM_BUDGET = 64  # visual tokens kept by vision/embed-stage methods at every n
 IN_LLM_RATIO = 0.5  # layer-average retention of in-LLM methods (reachable on a 4-layer LLM)
-SMALL_LLM_ARGS = {"fastv": {"k": "1"}, "pyramiddrop": {"early_layer": "0"}, "glimpseprune": {"allow_untrained": "true"}}
+SMALL_LLM_ARGS = {"fastv": {"k": "1"}, "dart": {"k": "1"}, "pyramiddrop": {"early_layer": "0"},
+                  "glimpseprune": {"allow_untrained": "true"}}  # fmt: skip
 
 
 def deep_tower_qwen(max_tokens: int = 16384) -> ModelAdapter:
@@ -109,12 +110,18 @@ def peak_mb(adapter: ModelAdapter, method, n_tokens: int) -> float:
     return peak.peak_mb
 
 
-def measure(adapter: ModelAdapter, methods: Iterable[str], token_counts: Iterable[int]) -> dict[str, dict[int, float]]:
-    """``{method: {n: peak MB}}`` for every method (incl. ``full``) and token count."""
+def measure(
+    adapter: ModelAdapter, methods: Iterable[str], token_counts: Iterable[int], echo=print
+) -> dict[str, dict[int, float]]:
+    """``{method: {n: peak MB}}`` for every method (incl. ``full``) and token count; a method whose
+    settings this model cannot run is left out with one line."""
     results: dict[str, dict[int, float]] = {}
     for name in ["full", *methods]:
         method = _build(name, adapter)
-        results[name] = {n: peak_mb(adapter, method, n) for n in token_counts}
+        try:
+            results[name] = {n: peak_mb(adapter, method, n) for n in token_counts}
+        except ValueError as err:
+            echo(f"{name}: skipped ({err})")
     return results
 
 
@@ -142,7 +149,7 @@ def run(model: str | None, token_counts: list[int], echo=print) -> dict[str, Any
         from tokbench.models import load_model
 
         adapter = load_model(model, load_config().models, random_weights=True, max_pixels=max(token_counts) * 28 * 28)
-    results = measure(adapter, scaling_methods(adapter), token_counts)
+    results = measure(adapter, scaling_methods(adapter), token_counts, echo)
     where = "CUDA allocator peak - weights" if adapter.device.type == "cuda" else "live-tensor peak, weights excluded"
     echo(f"peak memory per generate call ({where}); model {adapter.name}")
     report(results, echo)

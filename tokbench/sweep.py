@@ -84,15 +84,16 @@ def find_complete(config: RunConfig, task_version: Any, expected_n: int) -> Path
 
 def prepare(cells: Sequence[RunConfig], aliases: dict[str, str] | None = None) -> list[tuple[RunConfig, Path | None, str | None]]:
     """Validate every cell before any model loads: (config, its complete run dir or None, why it cannot run
-    or None). A budget or method argument this model cannot reach is that cell's failure (the grid goes
-    on); any other usage error (unknown task, bad output dir) is raised."""
-    from tokbench.pruner import BudgetError, MethodError
+    or None). A budget this model cannot reach is that cell's failure (the grid goes on); any other usage
+    error (unknown task or method argument, bad output dir) is raised."""
+    from tokbench.pruner import BudgetError
 
     prepared = []
     for config in cells:
+        config.make_budget()  # a malformed budget is a usage error, not a cell's failure
         try:
             _, task = validate(config, aliases)
-        except (BudgetError, MethodError) as err:
+        except BudgetError as err:
             prepared.append((config, None, f"{type(err).__name__}: {err}"))
             continue
         prepared.append((config, find_complete(config, task.version, len(task.doc_ids())), None))

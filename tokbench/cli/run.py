@@ -67,6 +67,7 @@ def run(
     try:
         from tokbench.config import load_config
         from tokbench.runner import validate
+        from tokbench.store import DiskFullError
 
         cfg = load_config(config)
         run_config = build_run_config(options, cfg)
@@ -75,6 +76,8 @@ def run(
         validate(run_config, cfg.models)
     except c.usage_errors() as err:
         c.fail(err, 2)
+    except DiskFullError as err:
+        c.fail(err, 1)
     note = unpruned_note(method, run_config.ratio, run_config.budget, run_config.method_args)
     if note:
         c.note(note)
