@@ -55,7 +55,10 @@ def skip_reason(argv: list[str]) -> str | None:
 
 
 def cheap(argv: list[str]) -> list[str]:
-    """``--limit 1`` on run and sweep (replacing the documented limit)."""
+    """``--limit 1`` on run and sweep (replacing the documented limit); ``bench --memory`` at small token counts."""
+    if argv[0] == "bench" and "--tokens" in argv:
+        at = argv.index("--tokens") + 1
+        return [*argv[:at], "256,512", *argv[at + 1 :]]
     if argv[0] not in ("run", "sweep"):
         return argv
     out, skip_next = [], False
