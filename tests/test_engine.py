@@ -282,3 +282,19 @@ def test_position_policy_precedence(llava):
     assert Engine(llava, glimpse).reindex is False  # the method's official default
     assert Engine(llava, glimpse, position_policy="reindex").reindex is True  # explicit wins
     assert Engine(llava, build_method("random", Budget.ratio(0.5))).reindex is True  # family default
+
+
+def test_decoder_layers_get_the_cache_by_their_own_keyword(adapter):
+    """No deprecated keyword reaches transformers (the `past_key_values` FutureWarning fired on every layer
+    call), and the keyword the engine uses is one the layer declares, so the cache is never dropped silently."""
+    import inspect
+    import warnings
+
+    from tokbench.engine import Engine
+    from tokbench.pruner import Budget, build_method
+
+    engine = Engine(adapter, build_method("full", Budget.full()))
+    assert engine.cache_kwarg in inspect.signature(adapter.layers[0].forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        engine.generate([[noise_image(224, 224)]], ["What colour is the square?"], [0], max_new_tokens=3)

@@ -11,6 +11,7 @@ right. With the `full` method it computes exactly what ``model.generate(do_sampl
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,9 @@ class Engine:
         self.specs = method.stages(self.info)
         self.probe = probe_for(method, self.info)
         self.attn_impl = adapter.model.config._attn_implementation
+        # transformers 5.24 renamed the decoder layers' `past_key_values` to `cache` (the old name goes in 5.40)
+        forward = inspect.signature(adapter.layers[0].forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         self._check_specs()
 
     def _check_specs(self) -> None:
@@ -260,7 +264,9 @@ class Engine:
                     ctx.count_rows(seq.valid)
             kept_per_layer.append(seq.visual_count().tolist())
             seq_lens.append((seq.valid & ~seq.probe).sum(1).tolist())
-            seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=True)
+            seq.hidden = layer(
+                seq.hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **{self.cache_kwarg: cache}
+            )
             cache.valid[index] = seq.valid
             if spec is None:
                 continue
@@ -308,7 +314,7 @@ class Engine:
                     masks[id(previous)] = (grown, attention_mask(new_valid, grown, self.attn_impl, hidden.dtype))
                 cache.valid[index], mask = masks[id(previous)]
                 hidden = layer(
-                    hidden, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=True
+                    hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **{self.cache_kwarg: cache}
                 )
             token = adapter.logits(hidden[:, -1]).argmax(-1)
             token = torch.where(finished, adapter.pad_token_id, token)
