@@ -34,7 +34,7 @@ from tokbench.config import load_config
 from tokbench.engine import BatchOutput, Engine
 from tokbench.metrics import LiveTensorPeak, LLMShape, PeakMemory, flops_ratios, prefill_flops
 from tokbench.models import load_model
-from tokbench.pruner import Budget, GlimpseProbe, KeepDecision, Pruner, Stage, StageSpec, build_method, probe_for
+from tokbench.pruner import Budget, GlimpseProbe, KeepDecision, Pruner, Stage, StageSpec, build_method
 
 DEFAULT_METHODS = "random,pool,fastv,divprune,visionzip,pyramiddrop,vscan"
 QUICK_METHODS = "random,fastv,visionzip"
