@@ -31,7 +31,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tokbench.pruner import Budget, KeepDecision, MethodError, ModelInfo, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import (
+    Budget,
+    KeepDecision,
+    MethodError,
+    ModelInfo,
+    Stage,
+    StageInputs,
+    StageSpec,
+    is_dynamic,
+    register_method,
+)
 
 
 def kept_after(budget_count: int, n: int, n_layers: int, k: int) -> int:
@@ -87,7 +97,7 @@ def duplication_select(
 class DART:
     """Pivots by key norm, then the tokens least duplicating them, before LLM layer ``k``."""
 
-    budget: Budget
+    budget: Budget | None
     k: int = 2  # official pruned_layer: prune after layers 0..k-1
     pivot_image: int = 4
     pivot_text: int = 4
@@ -97,7 +107,7 @@ class DART:
     position_policy = "keep"  # official LLaVA and Qwen2.5-VL code keep the kept tokens' position ids
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        if self.budget.kind == "dynamic":
+        if is_dynamic(self.budget):
             raise MethodError("dart keeps a fixed number of tokens; pass --ratio or --budget")
         if not 1 <= self.k < model.n_layers:
             raise MethodError(f"dart: k={self.k} must lie in 1..{model.n_layers - 1} for a {model.n_layers}-layer model")

@@ -20,10 +20,11 @@ Stage `glimpse` (Sec. 3.2, official ``_glimpse_forward`` / ``_get_remain_masks``
 K (official configs): Qwen2.5-VL-7B 18 of 28, 3B 23 of 36, LLaVA-1.5-7B 21 of 32, 13B 26 of 40; a
 checkpoint's ``config.json`` decides; untrained on other depths ``min(round(2 L / 3), L - 2)``.
 
-Budgets: no budget (``Budget.full()``, ratio 1.0) = the official dynamic default, capped by
+Budgets: no budget (``None``) = the official dynamic default, capped by
 ``max_remain_ratio`` (method arg, else the checkpoint's, ``None`` = no cap: the README's "no retention
 rate limit"); ``Budget.dynamic(c)`` = dynamic capped at ``c`` (the README's ``MAX_REMAIN_RATIO=0.111``);
-``--ratio r < 1`` / ``--budget k`` = the fixed-ratio efficiency mode: exactly the top ``k`` by VIP logit.
+``--ratio r`` / ``--budget k`` = the fixed-ratio efficiency mode: exactly the top ``k`` by VIP logit
+(``--ratio 1`` keeps every token).
 Every top-k here ranks by the float32 logit with exact ties to the lower token index (`top_tokens`); the
 official code ranks bf16 sigmoid probabilities, whose ties it breaks arbitrarily (a documented deviation).
 Weights: ``weights=DIR|hub id`` with ``config.json`` + ``new_modules_gp.pt`` (official layout); default per
@@ -51,6 +52,7 @@ from tokbench.pruner import (
     Stage,
     StageInputs,
     StageSpec,
+    is_dynamic,
     register_method,
 )
 
@@ -109,7 +111,7 @@ def default_config(model: ModelInfo) -> GlimpseConfig:
 class GlimpsePrune:
     """A learnable glimpse token + VIP pick the question-relevant visual tokens at layer K."""
 
-    budget: Budget
+    budget: Budget | None
     weights: str = ""  # DIR or hub id with config.json + new_modules_gp.pt; "": the base model's default
     allow_untrained: bool = False  # seeded random glimpse token and VIP (tests only)
     threshold: float | None = None  # None: the checkpoint's reduce_threshold (0.5)
@@ -190,12 +192,12 @@ class GlimpsePrune:
 
     def dynamic_cap(self) -> float | None:
         """The ``max_remain_ratio`` of the dynamic mode (None: uncapped)."""
-        if self.budget.kind == "dynamic" and self.budget.value is not None:
+        if is_dynamic(self.budget) and self.budget.value is not None:
             return self.budget.value
         return self.max_remain_ratio if self.max_remain_ratio is not None else self._modules.cfg.max_remain_ratio
 
     def is_dynamic(self) -> bool:
-        return self.budget.kind == "dynamic" or self.budget == Budget.full()
+        return self.budget is None or is_dynamic(self.budget)
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
         return None if self.is_dynamic() else inputs.budget_count

@@ -145,7 +145,7 @@ class PyramidDrop(Pruner):
     def stages(self, model: ModelInfo) -> list[StageSpec]:
         if is_dynamic(self.budget):
             raise BudgetError("pyramiddrop has no dynamic budget; pass --ratio, --budget or --method-arg lam=0.5")
-        if self.lam > 0 and self.budget not in (None, Budget.full()):  # full(): "none given" before budgets were optional
+        if self.lam > 0 and self.budget is not None:
             raise MethodError("pyramiddrop: pass either a budget (--ratio/--budget) or lam, not both")
         if not 0 <= self.lam <= 1:
             raise MethodError(f"pyramiddrop: lam={self.lam} must lie in (0, 1]; pass e.g. --method-arg lam=0.5")

@@ -32,7 +32,17 @@ from dataclasses import dataclass
 
 import torch
 
-from tokbench.pruner import Budget, KeepDecision, MethodError, ModelInfo, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import (
+    Budget,
+    KeepDecision,
+    MethodError,
+    ModelInfo,
+    Stage,
+    StageInputs,
+    StageSpec,
+    is_dynamic,
+    register_method,
+)
 
 OFFICIAL_LAYERS = (2, 6, 15)  # of 32 (LLaVA-1.5-7B); pruning after these 0-based layers
 
@@ -86,15 +96,15 @@ def density_peak_merge(states: torch.Tensor, clusters: int, noise: torch.Tensor)
 class SparseVLM:
     """Text-rated visual sparsification at three LLM layers with token recycling (official v1.5)."""
 
-    budget: Budget
+    budget: Budget | None
     counts: str = ""  # official selected counts per sparse layer, e.g. "300,200,110"; empty: from the budget
     version = "1"
     headline_retention = "layer_avg"
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        if self.budget.kind == "dynamic":
+        if is_dynamic(self.budget):
             raise MethodError("sparsevlm keeps a fixed schedule; pass --ratio, --budget or --method-arg counts=...")
-        if self.counts and self.budget != Budget.full():
+        if self.counts and self.budget is not None:
             raise MethodError("sparsevlm: pass either a budget (--ratio/--budget) or counts, not both")
         layers = sorted({min(round(l * model.n_layers / 32), model.n_layers - 2) for l in OFFICIAL_LAYERS})
         if self.counts and len(self._counts()) != len(layers):

@@ -109,7 +109,7 @@ def contextual_merge(
 class VisionZip:
     """Dominant tokens by attention plus contextual tokens merged by key similarity."""
 
-    budget: Budget
+    budget: Budget | None
     variant: str = "auto"  # "llm" (Qwen2.5-VL port), "vision" (CLIP recipe), "auto": llm if u > 1
     contextual_ratio: float | None = None  # C / K; None: the variant's split (see split_port, split_budget)
     version = "2"

@@ -30,7 +30,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokbench.pruner import Budget, KeepDecision, MethodError, ModelInfo, Stage, StageInputs, StageSpec, register_method
+from tokbench.pruner import (
+    Budget,
+    KeepDecision,
+    MethodError,
+    ModelInfo,
+    Stage,
+    StageInputs,
+    StageSpec,
+    is_dynamic,
+    register_method,
+)
 
 
 def importance(stats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -63,14 +73,14 @@ def remove_duplicates(features: torch.Tensor, pool: torch.Tensor, target: int, s
 class VisPruner:
     """Important tokens by [CLS] attention plus diverse tokens by near-duplicate removal, in the vision tower."""
 
-    budget: Budget
+    budget: Budget | None
     important_ratio: float = 0.5  # official --important_ratio default (README: vqav2.sh 128 0.5)
     features: str = "auto"  # auto | vision | embeds
     version = "1"
     headline_retention = "input"
 
     def stages(self, model: ModelInfo) -> list[StageSpec]:
-        if self.budget.kind == "dynamic":
+        if is_dynamic(self.budget):
             raise MethodError("vispruner keeps a fixed number of tokens; pass --ratio or --budget")
         if not 0.0 <= self.important_ratio <= 1.0:
             raise MethodError(f"vispruner: important_ratio={self.important_ratio} must lie in [0, 1]")

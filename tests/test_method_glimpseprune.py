@@ -92,7 +92,7 @@ def test_official_checkpoint_round_trips(tmp_path, nested_text):
         rc = inputs.token_rc
         assert torch.equal(modules.attn_fuser(feats, conds, rc, ids), loaded.attn_fuser(feats, conds, rc, ids))
     # ...and the method's save_weights writes the same layout back
-    method = GlimpsePrune(Budget.full(), weights=str(tmp_path))
+    method = GlimpsePrune(None, weights=str(tmp_path))
     method.stages(SMALL)
     method.save_weights(tmp_path / "again")
     state = torch.load(tmp_path / "again" / "new_modules_gp.pt", weights_only=True)
@@ -105,7 +105,7 @@ def test_official_checkpoint_round_trips(tmp_path, nested_text):
 def test_probe_carries_the_effective_per_layer_embeddings(tmp_path):
     modules = GlimpseModules(_small_config()).init_untrained(3)
     _write_official(tmp_path, modules)
-    method = GlimpsePrune(Budget.full(), weights=str(tmp_path))
+    method = GlimpsePrune(None, weights=str(tmp_path))
     (spec,) = method.stages(SMALL)
     assert (spec.stage, spec.layer, spec.vision_layers) == (Stage.GLIMPSE, 3, (3, 1))
     probe = method.probe(SMALL)
@@ -151,12 +151,12 @@ def test_ties_go_to_the_lower_token_index():
 
 
 def test_budget_modes_and_fixed_ratio_is_exact():
-    full = GlimpsePrune(Budget.full(), allow_untrained=True)
+    full = GlimpsePrune(None, allow_untrained=True)
     (spec,) = full.stages(SMALL)
     inputs = _stage_inputs(n_side=6, budget_count=36, d_v=24)
     assert full.stage_count(spec, inputs) is None and full.dynamic_cap() is None  # official default: no cap
     assert GlimpsePrune(Budget.dynamic(0.111), allow_untrained=True, max_remain_ratio=0.5).dynamic_cap() == 0.111
-    capped = GlimpsePrune(Budget.full(), allow_untrained=True, max_remain_ratio=0.2)
+    capped = GlimpsePrune(None, allow_untrained=True, max_remain_ratio=0.2)
     capped.stages(SMALL)
     assert 1 <= capped.select(spec, inputs).keep_index.numel() <= int(0.2 * 36)
     fixed = GlimpsePrune(Budget.tokens(5), allow_untrained=True)
@@ -211,7 +211,7 @@ def test_llava_uses_log_softmax_features():
     shifted.extras["probe_logsumexp"] = inputs.extras["probe_logsumexp"] + shift[..., 0]
     for family, invariant in [("llava", True), ("qwen2_5_vl", False)]:
         model = ModelInfo(family, "small", 6, 32, 4, 5, -2, (1, 3), 1)
-        method = GlimpsePrune(Budget.full(), allow_untrained=True)
+        method = GlimpsePrune(None, allow_untrained=True)
         (spec,) = method.stages(model)
         spec_inputs = {b: inputs.vision_hidden[3] for b in spec.vision_layers}
         inputs.vision_hidden = shifted.vision_hidden = spec_inputs
@@ -222,12 +222,12 @@ def test_llava_uses_log_softmax_features():
 def test_official_layers_and_missing_weights():
     for model, layer, blocks in [(QWEN_7B, 18, (31, 23, 15, 7)), (QWEN_3B, 23, (31, 23, 15, 7)),
                                  (LLAVA_7B, 21, (22, 16, 10, 4)), (LLAVA_13B, 26, (22, 16, 10, 4))]:
-        (spec,) = GlimpsePrune(Budget.full(), allow_untrained=True).stages(model)
+        (spec,) = GlimpsePrune(None, allow_untrained=True).stages(model)
         assert (spec.layer, spec.vision_layers) == (layer, blocks)
     with pytest.raises(ValueError, match="--method-arg weights=PATH"):
-        build_method("glimpseprune", Budget.full()).stages(SMALL)
+        build_method("glimpseprune", None).stages(SMALL)
     with pytest.raises(ValueError, match="ashun989/GlimpsePrune_Qwen2.5-VL-7B-Instruct.*weights=PATH"):
-        build_method("glimpseprune", Budget.full()).stages(QWEN_7B)  # offline: the default hub id is not cached
+        build_method("glimpseprune", None).stages(QWEN_7B)  # offline: the default hub id is not cached
 
 
 QUESTIONS = ["What colour is the square?", "Where is it?"]

@@ -38,15 +38,15 @@ def _inputs(n, n_original, budget_count, attention=None):
 
 
 def test_official_layout_scores_with_the_next_layer():
-    specs = PyramidDrop(Budget.full(), lam=0.5).stages(LLAVA_7B)
+    specs = PyramidDrop(None, lam=0.5).stages(LLAVA_7B)
     # official layer_list [8, 16, 24]: drop after 8 layers (0-based 7), scored by layers[8]'s norm and q/k
     assert [(s.stage, s.layer, s.attention_from, s.attention_rope) for s in specs] == [
         (Stage.LLM, 7, "next", True),
         (Stage.LLM, 15, "next", True),
         (Stage.LLM, 23, "next", True),
     ]
-    assert [s.layer for s in PyramidDrop(Budget.full(), lam=0.5).stages(QWEN_7B)] == [6, 13, 20]
-    assert [s.layer for s in PyramidDrop(Budget.full(), lam=0.5).stages(TINY)] == [0, 1, 2]
+    assert [s.layer for s in PyramidDrop(None, lam=0.5).stages(QWEN_7B)] == [6, 13, 20]
+    assert [s.layer for s in PyramidDrop(None, lam=0.5).stages(TINY)] == [0, 1, 2]
     # budgets add the early drop after 2 layers; depth-scaled quarters stay
     assert [s.layer for s in PyramidDrop(Budget.tokens(64)).stages(LLAVA_7B)] == [1, 7, 15, 23]
     assert [s.layer for s in PyramidDrop(Budget.tokens(64)).stages(LLAVA_13B)] == [1, 9, 19, 29]
@@ -55,7 +55,7 @@ def test_official_layout_scores_with_the_next_layer():
 
 
 def test_paper_lambda_half_keeps_half_quarter_eighth():
-    method = PyramidDrop(Budget.full(), lam=0.5)
+    method = PyramidDrop(None, lam=0.5)
     specs = method.stages(LLAVA_7B)
     counts = [method.stage_count(spec, _inputs(576, 576, 576)) for spec in specs]
     assert counts == [288, 144, 72]
@@ -111,7 +111,7 @@ def test_unreachable_or_conflicting_budgets_are_refused():
 
 def test_keeps_the_tokens_with_the_highest_head_averaged_attention():
     g = torch.Generator().manual_seed(0)
-    method = PyramidDrop(Budget.full(), lam=0.5)
+    method = PyramidDrop(None, lam=0.5)
     spec = method.stages(LLAVA_7B)[0]
     for _ in range(5):
         attention = torch.rand(8, 576, generator=g) * 1e-3
@@ -128,7 +128,7 @@ QUESTIONS = ["What colour is the square?", "Where is it?"]
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-llava"])
-@pytest.mark.parametrize("budget,args", [(Budget.ratio(0.5), {}), (Budget.full(), {"lam": "0.5"})])
+@pytest.mark.parametrize("budget,args", [(Budget.ratio(0.5), {}), (None, {"lam": "0.5"})])
 def test_end_to_end_counts_follow_the_schedule(name, budget, args):
     adapter = tiny_adapter(name)
     images = [[noise_image(448, 336, seed=0)], [noise_image(224, 224, seed=1)]]

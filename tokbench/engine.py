@@ -20,7 +20,7 @@ from PIL import Image
 from tokbench.attention import attention_row
 from tokbench.metrics import LLMShape, StageTimer, attention_row_flops, count_flops
 from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
-from tokbench.pruner import KeepDecision, Pruner, Stage, StageInputs, StageSpec, probe_for
+from tokbench.pruner import KeepDecision, Pruner, Stage, StageInputs, StageSpec, budget_count, probe_for
 from tokbench.sequence import LayerKVCache, Sequence, attention_mask
 
 
@@ -179,7 +179,7 @@ class Engine:
         adapter = self.adapter
         n_original = [sum(adapter.n_visual_tokens(img) for img in imgs) for imgs in images]
         original_grids = [[adapter.token_grid(img) for img in imgs] for imgs in images]
-        budgets = [self.method.budget.count(n) for n in n_original]
+        budgets = [budget_count(self.method.budget, n) for n in n_original]
         if any(s.stage == Stage.INPUT for s in self.specs):
             images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
         batch = adapter.preprocess(images, questions)

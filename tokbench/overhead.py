@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -51,7 +51,7 @@ class Oracle:
     specs: list[StageSpec]
     counts: dict[str, int]
     glimpse_probe: GlimpseProbe | None = None
-    budget: Budget = field(default_factory=Budget.full)
+    budget: Budget | None = None
     name = "oracle"
     version = "bench"
 
@@ -189,7 +189,7 @@ def measure(
 
         return step
 
-    full = Engine(adapter, build_method("full", Budget.full()))
+    full = Engine(adapter, build_method("full", None))
     arms: dict[str, Callable[[], Any]] = {"plain": plain_hf, "full": generate(full)}
     built, skipped = {}, {}
     for name in methods.split(","):

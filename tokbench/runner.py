@@ -41,14 +41,15 @@ class RunConfig:
     judge: JudgeConfig | None = None  # judged tasks (Visual-CoT): scores predictions after generation
     output: str = "results"
 
-    def make_budget(self) -> Budget:
+    def make_budget(self) -> Budget | None:
+        """The budget given, or None when neither --ratio nor --budget was (the method's own default)."""
         if self.ratio is not None and self.budget is not None:
             raise BudgetError("pass either --ratio or --budget, not both")
         if self.budget is not None:
             return Budget.tokens(self.budget)
         if self.ratio is not None:
             return Budget.ratio(self.ratio)
-        return Budget.full()
+        return None
 
     def identity(self) -> dict[str, Any]:
         """The settings that change predictions (not output dir, batch size, warm-up, masks or judge)."""
@@ -268,7 +269,7 @@ class _Recorder:
             "run_id": run_id,
             "model": config.model,
             "method": config.method,
-            "budget": method.budget.label(),
+            "budget": budget_label(method.budget),
             "task": task.name,
         }
 

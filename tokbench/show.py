@@ -58,7 +58,7 @@ def run_methods(adapter: ModelAdapter, image: Image.Image, question: str, method
 
     panels = []
     for name in methods:
-        method = build_method(name, Budget.full() if name == "full" else budget, (method_args or {}).get(name))
+        method = build_method(name, None if name == "full" else budget, (method_args or {}).get(name))
         source = image
         if any(s.stage == Stage.INPUT for s in method.stages(adapter.info())):
             source = adapter.resize_to_tokens(image, budget.count(adapter.n_visual_tokens(image)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tokbench.pruner import budget_label
 from tokbench.report import REFERENCE
 from tokbench.runner import RunConfig, RunValidationError, run, validate
 
@@ -29,7 +30,7 @@ class CellResult:
 
     @property
     def label(self) -> str:
-        return f"{self.config.method} {self.config.make_budget().label()}"
+        return f"{self.config.method} {budget_label(self.config.make_budget())}"
 
 
 def plan(

@@ -110,7 +110,7 @@ def show(
     from tokbench.show import draw, run_methods
 
     try:
-        panels = run_methods(adapter, picture, question, names, Budget.ratio(0.25) if chosen == Budget.full() else chosen)
+        panels = run_methods(adapter, picture, question, names, Budget.ratio(0.25) if chosen is None else chosen)
     except ValueError as err:
         c.fail(err, 2)
     c.note("wrote " + ", ".join(str(p) for p in draw(panels, output)))

@@ -195,6 +195,7 @@ def sweep(
 
 
 def _run_cells(cells, aliases):
+    from tokbench.pruner import budget_label
     from tokbench.sweep import run_sweep
 
     try:
@@ -202,7 +203,7 @@ def _run_cells(cells, aliases):
             bar = progress.add_task("sweep", total=None)
 
             def on_cell(index, config):
-                label = f"[{index + 1}/{len(cells)}] {config.method} {config.make_budget().label()}"
+                label = f"[{index + 1}/{len(cells)}] {config.method} {budget_label(config.make_budget())}"
                 progress.reset(bar, total=None, description=label)
 
             return run_sweep(cells, aliases, on_cell, lambda done, total: progress.update(bar, completed=done, total=total),

@@ -128,11 +128,10 @@ class GlimpseTrainer:
     def __init__(self, adapter, cfg: GlimpseTrainConfig):
         from methods.glimpseprune import GlimpsePrune
         from tokbench.engine import Engine
-        from tokbench.pruner import Budget
 
         self.adapter, self.cfg = adapter, cfg
         self.info = adapter.info()
-        self.method = GlimpsePrune(Budget.full(), allow_untrained=True, seed=cfg.seed)
+        self.method = GlimpsePrune(None, allow_untrained=True, seed=cfg.seed)
         self.modules = self.method.modules_for(self.info).to(adapter.device)
         self.modules.base_config = adapter.model.config.to_dict()  # saved with the GP keys (official loader)
         adapter.model.requires_grad_(False)
