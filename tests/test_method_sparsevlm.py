@@ -31,7 +31,7 @@ def test_sparse_layers_scale_with_depth():
 
 def test_official_counts_recycle_on_top():
     # score.py's 192-token list: 300, 200, 110 selected; int((int(0.3 p) + 1) / 10) + 1 recycled
-    method = SparseVLM(Budget.full(), counts="300,200,110")
+    method = SparseVLM(None, counts="300,200,110")
     method.stages(LLAVA_7B)
     assert [recycled(p) for p in (0, 1, 29, 30, 276, 109, 94)] == [0, 1, 1, 2, 9, 4, 3]
     assert method.plan(576, 576) == [(300, 309), (200, 204), (110, 113)]
@@ -39,7 +39,7 @@ def test_official_counts_recycle_on_top():
     with pytest.raises(MethodError, match="not both"):
         SparseVLM(Budget.tokens(192), counts="300,200,110").stages(LLAVA_7B)
     with pytest.raises(MethodError, match="3 values"):
-        SparseVLM(Budget.full(), counts="300,200").stages(LLAVA_7B)
+        SparseVLM(None, counts="300,200").stages(LLAVA_7B)
 
 
 @pytest.mark.parametrize(("n", "budget"), [(576, 192), (576, 128), (576, 64), (1000, 300), (100, 40)])
