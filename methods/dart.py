@@ -114,7 +114,7 @@ class DART:
         if self.pivot_image < 1 or self.pivot_text < 0:
             raise MethodError(f"dart: pivot_image={self.pivot_image} must be >= 1 and pivot_text={self.pivot_text} >= 0")
         self._n_layers = model.n_layers
-        return [StageSpec(Stage.LLM, layer=self.k - 1)]
+        return [StageSpec(Stage.LLM, layer=self.k - 1, attention_from="none")]  # no attention row needed
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
         return min(kept_after(inputs.budget_count, inputs.n_visual_original, self._n_layers, self.k), inputs.n_visual)
