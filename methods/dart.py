@@ -17,11 +17,12 @@ Budget (``headline_retention = "layer_avg"``, as FastV): a layer-averaged budget
 (``max_num_trunction`` 128 keeps 4 + 8 x 16 = 132); here the ``T - P_img`` non-pivot tokens are split as
 evenly as possible (the first ``(T - P_img) % P`` pivots claim one more) so ``T`` is met exactly.
 
-Engine inputs. At an `llm` stage the engine currently hands only the visual tokens' hidden states. When it
-also sets ``extras["visual_keys"]`` (n, h_kv, hd), ``extras["text_keys"]`` (m, h_kv, hd),
-``extras["text_hidden_states"]`` (m, d) and ``extras["final_norm_weight"]`` (d,), the rule above runs as
-published. Without them (documented in docs/methods/dart.md): image pivots by the L1 norm of the hidden
-states, no text pivots (``P = P_img``), no final-norm weight.
+Engine inputs: the stage asks for ``prompt_context``, so the engine sets ``extras["visual_keys"]``
+(n, h_kv, hd), ``extras["text_keys"]`` (m, h_kv, hd) (layer K-1's keys with RoPE, as the official code
+reads them from that layer's cache), ``extras["text_hidden_states"]`` (m, d) and
+``extras["final_norm_weight"]`` (d,), and the rule above runs as published. Inputs built without them
+(unit tests, third-party engines) get image pivots by the L1 norm of the hidden states, no text pivots
+(``P = P_img``) and no final-norm weight.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class DART:
         if self.pivot_image < 1 or self.pivot_text < 0:
             raise MethodError(f"dart: pivot_image={self.pivot_image} must be >= 1 and pivot_text={self.pivot_text} >= 0")
         self._n_layers = model.n_layers
-        return [StageSpec(Stage.LLM, layer=self.k - 1, attention_from="none")]  # no attention row needed
+        return [StageSpec(Stage.LLM, layer=self.k - 1, attention_from="none", prompt_context=True)]
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
         return min(kept_after(inputs.budget_count, inputs.n_visual_original, self._n_layers, self.k), inputs.n_visual)
@@ -129,7 +130,7 @@ class DART:
             text = extras["text_hidden_states"] * scale
             text_score = extras["text_keys"].float().abs().flatten(1).sum(-1)  # (m,)
             pivot_text = self.pivot_text
-        else:  # stand-in until the engine hands keys and text states (docs/methods/dart.md)
+        else:  # inputs without the prompt context (docs/methods/dart.md)
             visual_score = visual.float().abs().sum(-1)
             text, text_score, pivot_text = visual[:0], visual.new_zeros(0), 0
         total = self.stage_count(spec, inputs)

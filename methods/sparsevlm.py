@@ -20,10 +20,10 @@ solved so that the layer average of ``n, n lam, n lam^2, n lam^3`` is ``B``, and
 rounding so that the average is ``B``. ``counts="300,200,110"`` sets the official selected counts
 ``S_s`` instead (score.py: 192 -> 300,200,110; 128 -> 303,110,36; 64 -> 66,30,17), recycled tokens on top.
 
-Engine inputs: the raters' attention rows need ``extras["prompt_attention"]`` (m, h, n),
-``extras["prompt_embeds"]`` (m, d) and ``extras["visual_input_embeds"]`` (n, d) of the visual tokens
-entering layer 0. Until the engine hands them, the last prompt token is the only rater (its row is
-`StageInputs.text_attention`); see docs/methods/sparsevlm.md.
+Engine inputs: the stages ask for ``prompt_context``, so the engine hands the raters' attention rows
+``extras["prompt_attention"]`` (m, h, n), ``extras["prompt_embeds"]`` (m, d) and
+``extras["visual_input_embeds"]`` (n0, d) of the visual tokens entering layer 0. Inputs built without
+them (unit tests) fall back to the last prompt token as the only rater (`StageInputs.text_attention`).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class SparseVLM:
             raise MethodError(f"sparsevlm: counts={self.counts!r} needs {len(layers)} values, one per sparse layer")
         self._layers = layers
         self._n_layers = model.n_layers
-        return [StageSpec(Stage.LLM, layer=layer) for layer in layers]
+        return [StageSpec(Stage.LLM, layer=layer, attention_from="none", prompt_context=True) for layer in layers]
 
     def _counts(self) -> list[int]:
         try:

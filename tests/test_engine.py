@@ -298,3 +298,43 @@ def test_decoder_layers_get_the_cache_by_their_own_keyword(adapter):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         engine.generate([[noise_image(224, 224)]], ["What colour is the square?"], [0], max_new_tokens=3)
+
+
+def test_prompt_context_matches_the_layers_own_attention(adapter):
+    """At a `prompt_context` stage the prompt's last rater row is the engine's last-token row, the keys and
+    rows cover exactly the prompt after the image, and layer-0 inputs keep every visual token."""
+    from dataclasses import dataclass as _dataclass
+
+    import torch as _torch
+
+    from tokbench.engine import Engine
+    from tokbench.pruner import Budget, KeepDecision, Stage, StageSpec
+
+    @_dataclass
+    class Recorder:
+        budget: Budget | None = None
+        name = "recorder"
+        version = "test"
+        seen = []
+
+        def stages(self, model):
+            return [StageSpec(Stage.LLM, layer=1, prompt_context=True)]
+
+        def stage_count(self, spec, inputs):
+            return None
+
+        def select(self, spec, inputs):
+            Recorder.seen.append(inputs)
+            return KeepDecision(_torch.arange(inputs.n_visual // 2))
+
+    images = [[noise_image(224, 224)], [noise_image(448, 336, seed=1)]]
+    questions = ["What colour is the square?", "Is the red square left of the blue one, or not?"]
+    Recorder.seen = []
+    Engine(adapter, Recorder()).generate(images, questions, [0, 1], max_new_tokens=1)
+    for inputs, question in zip(Recorder.seen, questions):
+        extras, n = inputs.extras, inputs.n_visual
+        m = extras["text_keys"].shape[0]
+        assert extras["visual_keys"].shape[0] == n and extras["prompt_attention"].shape[1:] == (inputs.text_attention.shape[0], n)
+        assert extras["prompt_attention"].shape[0] == extras["text_hidden_states"].shape[0] == extras["prompt_embeds"].shape[0] == m
+        assert m >= len(question) // 8 and extras["visual_input_embeds"].shape[0] == inputs.n_visual_original
+        _torch.testing.assert_close(extras["prompt_attention"][-1], inputs.text_attention, atol=1e-5, rtol=1e-4)

@@ -69,3 +69,36 @@ def attention_received(
         probs = (query[:, start : start + chunk].float() @ key_t * scaling).softmax(dim=-1)  # (h, c, N)
         received += probs.sum(dim=(0, 1))
     return received / n
+
+
+def layer_keys(layer: torch.nn.Module, layer_input: torch.Tensor, rope) -> torch.Tensor:
+    """Keys of decoder ``layer`` at every position: layer_input (b, L, d) -> (b, h_kv, L, hd), with the
+    family's rotary embedding when ``rope`` (cos/sin (b, L, hd)) is given, as the layer caches them."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(layer_input)
+    b, length, _ = normed.shape
+    keys = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    return keys if rope is None else _apply_rope(keys, *rope)
+
+
+def last_rows(
+    layer: torch.nn.Module, layer_input: torch.Tensor, keys: torch.Tensor, n_queries: int, key_valid: torch.Tensor, rope
+) -> torch.Tensor:
+    """Causal softmax attention of the last ``n_queries`` positions to every key, as ``layer`` computes it.
+
+    keys (b, h_kv, L, hd) from `layer_keys`; key_valid (BoolTensor, (b, L)) -> (b, h, n_queries, L) float32.
+    The last row equals `attention_row(...)[1]` for the last position.
+    """
+    attn = layer.self_attn
+    normed = layer.input_layernorm(layer_input[:, -n_queries:])
+    b, length = key_valid.shape
+    query = attn.q_proj(normed).view(b, n_queries, -1, attn.head_dim).transpose(1, 2)  # (b, h, M, hd)
+    if rope is not None:
+        cos, sin = rope
+        query = _apply_rope(query, cos[:, -n_queries:], sin[:, -n_queries:])
+    keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+    logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.head_dim**-0.5  # (b, h, M, L)
+    q_pos = torch.arange(length - n_queries, length, device=logits.device)
+    causal = torch.arange(length, device=logits.device)[None, :] <= q_pos[:, None]  # (M, L)
+    allowed = causal[None, None] & key_valid[:, None, None, :]
+    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from tokbench.attention import attention_row
+from tokbench.attention import attention_row, last_rows, layer_keys
 from tokbench.metrics import LLMShape, StageTimer, attention_row_flops, count_flops
 from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
 from tokbench.pruner import KeepDecision, Pruner, Stage, StageInputs, StageSpec, budget_count, probe_for
@@ -248,6 +248,8 @@ class Engine:
         mask = attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
         probe_logits: list[torch.Tensor] = []
         kept_per_layer, seq_lens = [], []
+        if any(s.prompt_context for s in self.specs):
+            ctx.keep_layer_0_inputs(seq)
         for index, layer in enumerate(adapter.layers):
             spec = stage_at.get(index)
             row = None
@@ -262,6 +264,8 @@ class Engine:
                 if spec is not None and spec.stage == Stage.LLM and spec.attention_from == "same":
                     row = attention_row(layer, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
                     ctx.count_rows(seq.valid)
+                if spec is not None and spec.prompt_context:
+                    ctx.prompt_context(layer, seq, rope if spec.attention_rope else None)
             kept_per_layer.append(seq.visual_count().tolist())
             seq_lens.append((seq.valid & ~seq.probe).sum(1).tolist())
             seq.hidden = layer(
@@ -364,10 +368,25 @@ class _Context:
         self.visual = visual
         self.rc = [_token_rc(v) for v in visual]
 
-    def count_rows(self, valid: torch.Tensor) -> None:
-        """Book one recomputed attention row per sample over its ``valid`` (b, L) keys."""
+    def count_rows(self, valid: torch.Tensor, rows: list[int] | None = None) -> None:
+        """Book ``rows[i]`` (default 1) recomputed attention rows of sample ``i`` over its ``valid`` (b, L) keys."""
         for i, length in enumerate(valid.sum(1).tolist()):
-            self.select_flops[i] += attention_row_flops(self.shape, length)
+            self.select_flops[i] += attention_row_flops(self.shape, length, rows[i] if rows else 1)
+
+    def keep_layer_0_inputs(self, seq: Sequence) -> None:
+        """The prompt after the image and the visual tokens as they enter layer 0 (`StageSpec.prompt_context`)."""
+        after = _after_image(seq)
+        self.prompt_embeds = [seq.hidden[i, after[i]] for i in range(len(self.doc_ids))]
+        self.visual_input_embeds = [seq.hidden[i, seq.is_visual[i]] for i in range(len(self.doc_ids))]
+
+    def prompt_context(self, layer, seq: Sequence, rope) -> None:
+        """Layer ``layer``'s keys and the causal attention rows of the prompt after the image, from its input."""
+        after = _after_image(seq)
+        counts = after.sum(1).tolist()
+        keys = layer_keys(layer, seq.hidden, rope)  # (b, h_kv, L, hd)
+        rows = last_rows(layer, seq.hidden, keys, max(counts), seq.valid, rope)  # (b, h, M, L)
+        self.llm_context = {"keys": keys, "rows": rows, "after": after, "counts": counts}
+        self.count_rows(seq.valid, counts)
 
     def _count(self, i: int, fn) -> None:
         """Add the FLOPs of ``fn()`` (`tokbench.metrics.count_flops`) to sample ``i``; the rerun is tokbench's own
@@ -437,6 +456,16 @@ class _Context:
             }
         if spec.stage in (Stage.LLM, Stage.GLIMPSE):
             inputs.hidden_states = seq.hidden[i, positions]
+        if spec.stage == Stage.LLM and spec.prompt_context:
+            context, after, m = self.llm_context, self.llm_context["after"][i], self.llm_context["counts"][i]
+            keys = context["keys"][i].transpose(0, 1)  # (L, h_kv, hd)
+            rows = context["rows"][i][:, context["rows"].shape[2] - m :]  # (h, m, L): this row's prompt
+            inputs.extras.update(
+                visual_keys=keys[positions], text_keys=keys[after], text_hidden_states=seq.hidden[i, after],
+                prompt_attention=rows[:, :, positions].transpose(0, 1), prompt_embeds=self.prompt_embeds[i],
+                visual_input_embeds=self.visual_input_embeds[i],
+                final_norm_weight=self.engine.adapter.text_model.norm.weight,
+            )
         if spec.stage == Stage.LLM and attention is not None:
             logits, probs = attention
             inputs.text_logits = logits[i][:, positions]
@@ -472,6 +501,13 @@ def _index_stats(per_image: list[dict[str, torch.Tensor]], original: torch.Tenso
         dim = 1 if name == "cls" else 0  # cls is (h, n); the others are token-first
         out[name] = torch.cat([stats[name] for stats in per_image], dim=dim).index_select(dim, original)
     return out
+
+
+def _after_image(seq: Sequence) -> torch.Tensor:
+    """(b, L) the valid tokens after each row's last visual token (the prompt after the image)."""
+    index = torch.arange(seq.hidden.shape[1], device=seq.hidden.device)
+    last = torch.where(seq.is_visual, index, -1).amax(dim=1, keepdim=True)
+    return seq.valid & ~seq.probe & (index > last)
 
 
 def _token_rc(visual: list[VisualTokens]) -> torch.Tensor:

@@ -158,12 +158,13 @@ def vision_block_flops(tokens: int, hidden: int, intermediate: int, mlp_matmuls:
     return float(projections + mlp + 2 * 2 * hidden * attention_pairs)
 
 
-def attention_row_flops(shape: LLMShape, seq_len: int) -> float:
-    """FLOPs of one recomputed LLM attention row (`tokbench.attention.attention_row`) over ``seq_len`` keys:
-    the query projection of one token 2·d·(h·e), the key projection of every token 2·L·d·(g·e), and the
-    logits 2·h·e·L. Methods' selection cost at `llm(k)` stages and GlimpsePrune's probe rows."""
+def attention_row_flops(shape: LLMShape, seq_len: int, rows: int = 1) -> float:
+    """FLOPs of ``rows`` recomputed LLM attention rows (`tokbench.attention.attention_row`, `last_rows`)
+    over ``seq_len`` keys: the query projections 2·rows·d·(h·e), the key projection of every token
+    2·L·d·(g·e), and the logits 2·rows·h·e·L. Methods' selection cost at `llm(k)` stages and
+    GlimpsePrune's probe rows."""
     q_dim, kv_dim = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    return float(2 * shape.hidden * q_dim + 2 * seq_len * shape.hidden * kv_dim + 2 * q_dim * seq_len)
+    return float(2 * rows * shape.hidden * q_dim + 2 * seq_len * shape.hidden * kv_dim + 2 * rows * q_dim * seq_len)
 
 
 def flops_ratios(llm: float, vision: float, select: float, llm_full: float, vision_full: float) -> dict[str, float]:

@@ -47,6 +47,12 @@ class StageSpec:
     attention_rope (bool): apply rotary embeddings to q/k when scoring (VScan's Qwen port does not).
     vision_layers (tuple[int, ...]): vision-tower blocks whose outputs the method reads (`vision`,
         `glimpse`), 0-based or negative from the end.
+    prompt_context (bool): for `llm`, also hand the method the prompt after the image, from layer
+        ``layer``'s own projections on its input (``StageInputs.extras``): ``visual_keys`` (n, h_kv, hd)
+        and ``text_keys`` (m, h_kv, hd) with RoPE, ``prompt_attention`` (m, h, n) causal softmax rows
+        of the m prompt tokens after the image, ``text_hidden_states`` (m, d) leaving the layer,
+        ``prompt_embeds`` (m, d) and ``visual_input_embeds`` (n0, d) entering layer 0, and
+        ``final_norm_weight`` (d,) (DART, SparseVLM).
     vision_attention (tuple[int, ...]): vision-tower blocks whose attention statistics the method reads
         (`StageInputs.extras["vision_attention"][block]`: ``received`` (n,), ``keys`` (n, u, h, hd),
         and for CLIP towers ``cls`` (h, n)), same indexing.
@@ -58,6 +64,7 @@ class StageSpec:
     attention_rope: bool = True
     vision_layers: tuple[int, ...] = ()
     vision_attention: tuple[int, ...] = ()
+    prompt_context: bool = False
 
     def __str__(self) -> str:
         return self.stage.value if self.layer is None else f"{self.stage.value}({self.layer})"
