@@ -61,7 +61,7 @@ def files(tmp_path) -> dict[str, str]:
     found["BAD_MANIFEST"] = str(bad_manifest)
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    (corrupt / "manifest.json").write_text(json.dumps({"config": {}, "settings": {}}))
+    (corrupt / "manifest.json").write_text(json.dumps({"run_id": "corrupt", "config": {}, "settings": {}}))
     (corrupt / "samples.jsonl").write_text('{"doc_id": 0}\n{broken\n{"doc_id": 2}\n')
     found["CORRUPT"] = str(corrupt)
     lists = tmp_path / "lists"
@@ -103,7 +103,7 @@ USAGE = [  # (command, exit code, expected text of the one line)
     (["regress", "RUN_DIR", "--baseline", "RUN_DIR", "--summary", "UNWRITABLE/s.md"], 2, "--summary UNWRITABLE is not writable"),
     # item 12: corrupt runs name the file
     (["show", "LIST_ROWS", "--doc-id", "0", "--output", "OUT/x.png"], 2, "LIST_ROWS/samples.jsonl: line 1 is not a sample row"),
-    (["judge", "BAD_MANIFEST", "--judge", "exact"], 2, "BAD_MANIFEST/manifest.json: not a readable tokbench manifest"),
+    (["judge", "BAD_MANIFEST", "--judge", "exact"], 2, "BAD_MANIFEST/manifest.json is not valid JSON"),
     (["judge", "CORRUPT", "--judge", "exact"], 2, "CORRUPT/samples.jsonl: line 2 is not valid JSON"),
     # item 23: a folder without runs says what to pass
     (["judge", "NO_RUNS", "--judge", "exact"], 2, "is not a tokbench run directory and holds none"),

@@ -51,6 +51,7 @@ import pandas as pd
 
 from tokbench.aggregates import BATCH
 from tokbench.report import aggregate, budget_sort_key
+from tokbench.store import MANIFEST, Manifest
 
 FORMAT_VERSION = 1
 KEYS = ("model", "method", "budget", "task")
@@ -109,9 +110,8 @@ def _devices(samples: pd.DataFrame) -> dict[str, str | None]:
     """run_dir → the device its manifest records."""
     devices = {}
     for run_dir in samples["run_dir"].unique():
-        manifest = Path(run_dir) / "manifest.json"
-        env = json.loads(manifest.read_text(encoding="utf-8")).get("environment", {}) if manifest.exists() else {}
-        devices[run_dir] = env.get("device")
+        manifest = Path(run_dir) / MANIFEST
+        devices[run_dir] = Manifest.from_file(manifest).environment.get("device") if manifest.exists() else None
     return devices
 
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tokbench.store import MANIFEST, Manifest
+
 IDENTITY = ("model", "method", "task", "ratio", "budget", "budget_label")
 POOLED = ("seed",)
 IGNORED = ("output", "data_dir", "save_masks", "judge.key_env", "judge.concurrency", "judge.retries")
@@ -49,11 +51,11 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def read(run_dir: str | Path) -> dict[str, Any]:
     """The run's settings (flattened, identity and ignored keys dropped); {} without a manifest."""
-    manifest = Path(run_dir) / "manifest.json"
-    if not manifest.exists():
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
         return {}
-    data = json.loads(manifest.read_text(encoding="utf-8"))
-    flat = {**DEFAULTS, **_flatten(data.get("config", {})), **_flatten(data.get("settings", {}))}
+    manifest = Manifest.from_file(path)
+    flat = {**DEFAULTS, **_flatten(manifest.config), **_flatten(manifest.settings)}
     return {k: v for k, v in flat.items() if k not in IDENTITY and k not in IGNORED}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from tokbench.pruner import budget_label
 from tokbench.report import REFERENCE
 from tokbench.runner import RunConfig, RunValidationError, run, validate
+from tokbench.store import MANIFEST, Manifest, ManifestError
 
 
 @dataclass
@@ -72,13 +73,12 @@ def _canonical(value: Any) -> Any:
 def find_complete(config: RunConfig, task_version: Any, expected_n: int) -> Path | None:
     """The run directory in ``config.output`` that already holds this cell complete, else None."""
     want = _canonical({**config.identity(), "task_version": task_version})
-    for manifest_path in sorted(Path(config.output).glob("*/manifest.json")):
+    for manifest_path in sorted(Path(config.output).glob(f"*/{MANIFEST}")):
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            manifest = Manifest.from_file(manifest_path)
+        except (OSError, ManifestError):
             continue
-        stored = manifest.get("config", {})
-        if all(stored.get(k) == v for k, v in want.items()) and (manifest.get("summary") or {}).get("n") == expected_n:
+        if all(manifest.config.get(k) == v for k, v in want.items()) and (manifest.summary or {}).get("n") == expected_n:
             return manifest_path.parent
     return None
 
@@ -117,7 +117,7 @@ def run_sweep(
             results.append(CellResult(config, "failed", error=unreachable))
             continue
         if done_dir is not None:
-            summary = json.loads((done_dir / "manifest.json").read_text(encoding="utf-8")).get("summary")
+            summary = Manifest.from_file(done_dir / MANIFEST).summary
             results.append(CellResult(config, "skipped", done_dir, summary))
             continue
         if on_cell:

@@ -6,7 +6,6 @@ Exit codes: 0 every prediction scored; 1 predictions left unscored (endpoint dow
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,15 +31,18 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 def _saved_judge(run_dir: Path) -> dict[str, Any]:
     """The judge settings the run was started with (its manifest's settings.judge)."""
-    path = run_dir / "manifest.json"
+    from tokbench.store import MANIFEST, Manifest, ManifestError
+
+    path = run_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        c.fail(f"{path}: not a readable tokbench manifest ({err}); restore it or rerun the run", 2)
-    settings = manifest.get("settings") if isinstance(manifest, dict) else None
-    if not isinstance(manifest, dict) or not isinstance(settings or {}, dict):
-        c.fail(f"{path}: not a tokbench manifest (expected a JSON object with settings); restore it or rerun the run", 2)
-    return (settings or {}).get("judge") or {}
+        manifest = Manifest.from_file(path)
+    except OSError as err:
+        c.fail(f"{path}: not a readable tokbench manifest ({err.strerror}); restore it or rerun the run", 2)
+    except ManifestError as err:
+        c.fail(err, 2)
+    if not isinstance(manifest.settings, dict):
+        c.fail(f"{path}: not a tokbench manifest (settings is not a JSON object); restore it or rerun the run", 2)
+    return manifest.settings.get("judge") or {}
 
 
 def judge(
