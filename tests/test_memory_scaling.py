@@ -36,3 +36,17 @@ def test_peak_memory_grows_linearly(deep, name):
 def test_growth_flags_a_quadratic_term():
     assert memory_scaling.growth({1024: 10.0, 2048: 20.0, 4096: 40.0}) == pytest.approx(2.0)
     assert memory_scaling.growth({1024: 10.0, 2048: 20.0, 4096: 80.0}) == pytest.approx(4.0)
+
+
+def test_bench_memory_cli_on_a_named_model_and_its_bad_usage():
+    from typer.testing import CliRunner
+
+    from tokbench.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--memory", "--model", "tiny-qwen2.5-vl", "--tokens", "64,128"])
+    assert result.exit_code == 0, result.output
+    assert "x per 2x n" in result.output and "glimpseprune" in result.output
+    refused = runner.invoke(app, ["bench", "--memory", "--model", "tiny-qwen2.5-vl", "--random-weights", "--tokens", "64"])
+    assert refused.exit_code == 2 and "no shipped config" in refused.output
+    assert runner.invoke(app, ["bench", "--memory", "--tokens", "8"]).exit_code == 2

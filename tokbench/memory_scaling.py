@@ -140,15 +140,17 @@ def report(results: dict[str, dict[int, float]], echo=print) -> None:
         echo(f"{name:<14}" + "".join(f"{peaks[n]:>14.1f}" for n in counts) + f"{growth(peaks):>12.2f}")
 
 
-def run(model: str | None, token_counts: list[int], echo=print) -> dict[str, Any]:
-    """``tokbench bench --memory``: ``model`` (alias, or None for `deep_tower_qwen` on CPU)."""
+def run(model: str | None, token_counts: list[int], random_weights: bool = False, echo=print) -> dict[str, Any]:
+    """``tokbench bench --memory``: ``model`` (alias, hub id or path; ``random_weights`` for the shipped
+    real-size configs), or None for `deep_tower_qwen` on CPU."""
     if model is None:
         adapter = deep_tower_qwen(max(token_counts))
     else:
         from tokbench.config import load_config
         from tokbench.models import load_model
 
-        adapter = load_model(model, load_config().models, random_weights=True, max_pixels=max(token_counts) * 28 * 28)
+        adapter = load_model(model, load_config().models, random_weights=random_weights,
+                             max_pixels=max(token_counts) * 28 * 28)  # fmt: skip
     results = measure(adapter, scaling_methods(adapter), token_counts, echo)
     where = "CUDA allocator peak - weights" if adapter.device.type == "cuda" else "live-tensor peak, weights excluded"
     echo(f"peak memory per generate call ({where}); model {adapter.name}")

@@ -60,7 +60,10 @@ def bench(
             c.fail(f"--tokens {tokens!r}: use a comma list of visual-token counts >= 16, e.g. 1024,4096", 2)
         from tokbench.memory_scaling import run
 
-        run(model, sorted(counts), echo=c.out().print)
+        try:
+            run(model, sorted(counts), random_weights, echo=c.out().print)
+        except (*c.usage_errors(), ValueError) as err:  # an unknown model, no shipped config for --random-weights
+            c.fail(err, 2)
     else:
         from tokbench.overhead import DEFAULT_METHODS, measure
 
