@@ -288,3 +288,17 @@ def test_live_tensor_peak_sees_an_n_by_n_map_and_not_flash_attention():
     assert small >= 2 * 512 * 512 * 4 / 2**20  # two n x n float32 maps alive at once (logits, softmax)
     assert large / small > 3.5
     assert fused(2048) / fused(1024) < 2.2
+
+
+def test_call_peak_on_cuda_is_what_the_call_adds(monkeypatch):
+    """Allocator peak during the call minus what was allocated before it (weights, inputs)."""
+    torch = pytest.importorskip("torch")
+    from tokbench.metrics import call_peak_mb
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 350 * 2**20)
+    assert call_peak_mb("cuda:0", lambda: calls.append("call")) == 250.0
+    assert calls == ["sync", "reset", "call", "sync"]

@@ -11,6 +11,7 @@ right. With the `full` method it computes exactly what ``model.generate(do_sampl
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from PIL import Image
 from tokbench.attention import attention_row, last_rows, layer_keys
 from tokbench.metrics import LLMShape, StageTimer, attention_row_flops, count_flops
 from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
-from tokbench.pruner import KeepDecision, Pruner, Stage, StageInputs, StageSpec, budget_count, probe_for
+from tokbench.pruner import KeepDecision, Pruner, Stage, StageInputs, StageSpec, budget_count, plan_stages, probe_for
 from tokbench.sequence import LayerKVCache, Sequence, attention_mask
 
 
@@ -86,22 +87,12 @@ class Engine:
         self.seed = seed
         self.record_kept = record_kept
         self.info = adapter.info()
-        self.specs = method.stages(self.info)
+        self.specs = plan_stages(method, self.info)  # the same checks a run makes before the model loads
         self.probe = probe_for(method, self.info)
         self.attn_impl = adapter.model.config._attn_implementation
         # transformers 5.24 renamed the decoder layers' `past_key_values` to `cache` (the old name goes in 5.40)
         forward = inspect.signature(adapter.layers[0].forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
-        self._check_specs()
-
-    def _check_specs(self) -> None:
-        layered = [s for s in self.specs if s.stage in (Stage.LLM, Stage.GLIMPSE)]
-        for spec in layered:
-            last = self.adapter.n_layers - (2 if spec.attention_from == "next" else 1)
-            if spec.layer is None or not 0 <= spec.layer <= last:
-                raise ValueError(f"{self.method.name}: stage {spec} is outside layers 0..{last}")
-        if any(s.stage == Stage.GLIMPSE for s in self.specs) and self.probe is None:
-            raise ValueError(f"{self.method.name}: a glimpse stage needs a probe() method")
 
     @torch.no_grad()
     def generate(
@@ -177,16 +168,13 @@ class Engine:
     def _start(self, images, questions, doc_ids, max_new_tokens, timer, count_flops=True):
         """Input-stage resize, template and processor, context check: (PreparedBatch, _Context)."""
         adapter = self.adapter
-        n_original = [sum(adapter.n_visual_tokens(img) for img in imgs) for imgs in images]
         original_grids = [[adapter.token_grid(img) for img in imgs] for imgs in images]
-        budgets = [budget_count(self.method.budget, n) for n in n_original]
+        budgets = [budget_count(self.method.budget, sum(r * c for r, c in grids)) for grids in original_grids]
         if any(s.stage == Stage.INPUT for s in self.specs):
             images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
         batch = adapter.preprocess(images, questions)
         _check_context(batch.attention_mask.sum(1).tolist(), max_new_tokens, adapter, doc_ids)
-        ctx = _Context(self, [len(imgs) for imgs in images], n_original, budgets, doc_ids, questions, timer)
-        ctx.original_grids = original_grids
-        ctx.count_flops = count_flops
+        ctx = _Context(self, [len(imgs) for imgs in images], original_grids, budgets, doc_ids, questions, timer, count_flops)
         if self.record_kept:
             ctx.token_grids = [[adapter.token_grid(img) for img in imgs] for imgs in images]
         return batch, ctx
@@ -253,7 +241,8 @@ class Engine:
         for index, layer in enumerate(adapter.layers):
             spec = stage_at.get(index)
             row = None
-            with timer.span("select"):
+            selecting = spec is not None or (glimpse is not None and index <= glimpse.layer)
+            with timer.span("select") if selecting else contextlib.nullcontext():
                 if glimpse is not None and index <= glimpse.layer:
                     layer_embeds = self.probe.layer_embeds
                     if layer_embeds is not None and index < layer_embeds.shape[0]:
@@ -348,20 +337,21 @@ class _Context:
     """Per-batch selection bookkeeping: builds `StageInputs` per sample, validates decisions and counts
     each sample's selection FLOPs (``select_flops``)."""
 
-    def __init__(self, engine: Engine, images_per_sample, n_original, budgets, doc_ids, questions, timer: StageTimer):
+    def __init__(self, engine: Engine, images_per_sample, original_grids, budgets, doc_ids, questions,
+                 timer: StageTimer, count_flops: bool = True):  # fmt: skip
         self.engine = engine
         self.questions = questions
         self.images_per_sample: list[int] = images_per_sample
         self.visual: list[list[VisualTokens]] = []  # per sample, after the vision tower (set_visual)
-        self.n_original = n_original
+        self.original_grids: list[list[tuple[int, int]]] = original_grids  # per sample, per image as given
+        self.n_original = [sum(r * c for r, c in grids) for grids in original_grids]
         self.budgets = budgets
         self.doc_ids = doc_ids
         self.timer = timer
         self.kept_index: list[dict[str, list[int]]] = [{} for _ in doc_ids]
         self.token_grids: list[list[tuple[int, int]]] = [[] for _ in doc_ids]  # with record_kept
-        self.original_grids: list[list[tuple[int, int]]] = [[] for _ in doc_ids]
         self.select_flops: list[float] = [0.0 for _ in doc_ids]
-        self.count_flops = True
+        self.count_flops = count_flops
         self.shape = LLMShape.from_config(engine.adapter.text_config)
 
     def set_visual(self, visual: list[list[VisualTokens]]) -> None:

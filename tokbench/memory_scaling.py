@@ -25,14 +25,13 @@ import torch
 from PIL import Image
 
 from tokbench.engine import Engine
-from tokbench.metrics import MB, LiveTensorPeak
+from tokbench.metrics import call_peak_mb
 from tokbench.models.base import ModelAdapter
+from tokbench.overhead import SHALLOW_LLM_ARGS
 from tokbench.pruner import Budget, Stage, build_method, method_names
 
 PRE_LLM_BUDGET = 64  # visual tokens kept by vision/embed-stage methods at every n
 IN_LLM_RATIO = 0.5  # layer-average retention of in-LLM methods (reachable on a 4-layer LLM)
-SMALL_LLM_ARGS = {"fastv": {"k": "1"}, "dart": {"k": "1"}, "pyramiddrop": {"early_layer": "0"},
-                  "glimpseprune": {"allow_untrained": "true"}}  # fmt: skip
 
 
 def deep_tower_qwen(max_tokens: int = 16384) -> ModelAdapter:
@@ -80,9 +79,8 @@ def scaling_methods(adapter: ModelAdapter) -> list[str]:
 
 
 def _build(name: str, adapter: ModelAdapter):
-    small = adapter.n_layers <= 4
-    args = SMALL_LLM_ARGS.get(name, {}) if small else {}
-    if name == "glimpseprune":
+    args = SHALLOW_LLM_ARGS.get(name, {}) if adapter.n_layers <= 4 else {}
+    if name == "glimpseprune":  # the VIP's memory does not depend on its weights' values
         args = {**args, "allow_untrained": "true"}
     try:
         probe = build_method(name, Budget.ratio(IN_LLM_RATIO), args)
@@ -97,17 +95,13 @@ def peak_mb(adapter: ModelAdapter, method, n_tokens: int) -> float:
     side = math.isqrt(n_tokens) * 28
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
     engine = Engine(adapter, method)
+
+    def call() -> None:
+        engine.generate([[image]], ["What colour is the square?"], [0], max_new_tokens=1)
+
     if adapter.device.type == "cuda":
-        engine.generate([[image]], ["What colour is the square?"], [0], max_new_tokens=1)  # warm-up
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        engine.generate([[image]], ["What colour is the square?"], [0], max_new_tokens=1)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / MB
-    with LiveTensorPeak() as peak:
-        engine.generate([[image]], ["What colour is the square?"], [0], max_new_tokens=1)
-    return peak.peak_mb
+        call()  # warm-up: kernels and caches the allocator keeps are not the method's
+    return call_peak_mb(adapter.device, call)
 
 
 def measure(

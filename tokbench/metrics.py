@@ -448,3 +448,20 @@ class LiveTensorPeak:
         if entry[0] == 0:
             del self._refs[key]
             self._live -= entry[1]
+
+
+def call_peak_mb(device: Any, fn: Callable[[], Any]) -> float:
+    """Peak memory ``fn()`` adds (MB): on CUDA ``max_memory_allocated`` after a reset minus what was
+    allocated before the call (weights and inputs); on CPU the `LiveTensorPeak` of the call."""
+    if _is_cuda(device):
+        import torch
+
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MB
+    with LiveTensorPeak() as peak:
+        fn()
+    return peak.peak_mb

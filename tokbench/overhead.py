@@ -8,7 +8,7 @@
     with zero selection cost (no statistics, no attention rows, no VIP), so the ratio isolates selection;
 (c) measured TTFT speedup (full / method) vs the FLOPs bound 1 / ``flops_ratio_total`` (LLM + vision
     tower + selection);
-(d) peak memory / the oracle's (allocator peak on CUDA; live-tensor peak on CPU, weights excluded).
+(d) peak memory added by the call / the oracle's (`tokbench.metrics.call_peak_mb`).
 
 Every arm runs once per round, rounds rotate the order (A B C, B C A, ...), and each ratio is taken
 within a round, then summarised as median [min-max] over the rounds: a load spike on a shared machine
@@ -32,13 +32,15 @@ from PIL import Image
 
 from tokbench.config import load_config
 from tokbench.engine import BatchOutput, Engine
-from tokbench.metrics import LiveTensorPeak, LLMShape, PeakMemory, flops_ratios, prefill_flops
+from tokbench.metrics import LLMShape, call_peak_mb
 from tokbench.models import load_model
 from tokbench.pruner import Budget, GlimpseProbe, KeepDecision, Pruner, Stage, StageSpec, build_method
+from tokbench.records import flops_fields
 
 DEFAULT_METHODS = "random,pool,fastv,divprune,visionzip,pyramiddrop,vscan"
 QUICK_METHODS = "random,fastv,visionzip"
-TINY_ARGS = {"fastv": {"k": "1"}, "pyramiddrop": {"early_layer": "0"}}  # schedules 4-layer canaries can reach
+# the earliest schedules of in-LLM methods, the ones a 4-layer model (the canaries) can reach
+SHALLOW_LLM_ARGS = {"fastv": {"k": "1"}, "dart": {"k": "1"}, "pyramiddrop": {"early_layer": "0"}}
 
 
 @dataclass
@@ -120,17 +122,6 @@ def spread(numerator: list[float], denominator: list[float]) -> Spread:
     return Spread([a / b for a, b in zip(numerator, denominator)])
 
 
-def _peak(device, fn) -> float:
-    """Peak memory of ``fn()`` (MB): allocator peak on CUDA, live-tensor peak on CPU."""
-    if torch.device(device).type == "cuda":
-        with PeakMemory(device) as memory:
-            fn()
-        return memory.peak_mb
-    with LiveTensorPeak() as peak:
-        fn()
-    return peak.peak_mb
-
-
 def main() -> None:
     """``python bench/overhead.py [options]``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,7 +184,7 @@ def measure(
     arms: dict[str, Callable[[], Any]] = {"plain": plain_hf, "full": generate(full)}
     built, skipped = {}, {}
     for name in methods.split(","):
-        extra = TINY_ARGS.get(name, {}) if adapter.n_layers <= 4 else {}
+        extra = SHALLOW_LLM_ARGS.get(name, {}) if adapter.n_layers <= 4 else {}
         try:
             method = build_method(name, Budget.ratio(ratio), extra)
             engine = Engine(adapter, method, record_kept=True)
@@ -218,16 +209,10 @@ def measure(
     echo(f"{'method':<12} {'ttft/oracle':>24} {'speedup':>8} {'bound':>7} {'mem/oracle':>10}")
     results: dict[str, Any] = {"engine_overhead": overhead, "methods": {}, "skipped": skipped}
     for name, (engine, oracle, out) in built.items():
-        per_sample = []
-        for sample in out.samples:
-            n_text = sample.seq_len_per_layer[0] - sample.kept_per_layer[0]
-            full_llm = prefill_flops(shape, [n_text + sample.n_visual] * adapter.n_layers)
-            per_sample.append(flops_ratios(prefill_flops(shape, sample.seq_len_per_layer), sample.vision_flops,
-                                           sample.select_flops, full_llm, sample.vision_flops_full))  # fmt: skip
-        bound = 1 / statistics.mean(r["flops_ratio_total"] for r in per_sample)
+        bound = 1 / statistics.mean(flops_fields(sample, shape)["flops_ratio_total"] for sample in out.samples)
         over = spread(ttft[name], ttft[f"{name}/oracle"])
         speedup = spread(ttft["full"], ttft[name])
-        memory = _peak(device, arms[name]) / max(_peak(device, arms[f"{name}/oracle"]), 1e-9)
+        memory = call_peak_mb(device, arms[name]) / max(call_peak_mb(device, arms[f"{name}/oracle"]), 1e-9)
         results["methods"][name] = {"overhead": over, "speedup": speedup, "bound": bound, "memory": memory}
         echo(f"{name:<12} {str(over):>24} {speedup.median:>7.2f}x {bound:>6.2f}x {memory:>9.3f}x")
     for name, why in skipped.items():

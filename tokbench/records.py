@@ -30,6 +30,21 @@ def timing_fields(timings_ms: dict[str, float], batch_size: int, n_generated: in
     return fields
 
 
+def flops_fields(sample: SampleOutput, shape: LLMShape) -> dict[str, float]:
+    """``flops_llm``, ``flops_vision``, ``flops_select`` and the two ratios against the same sample unpruned."""
+    n_text = sample.seq_len_per_layer[0] - sample.kept_per_layer[0]
+    unpruned = [n_text + sample.n_visual] * len(sample.seq_len_per_layer)
+    flops_llm = prefill_flops(shape, sample.seq_len_per_layer)
+    return {
+        "flops_llm": flops_llm,
+        "flops_vision": sample.vision_flops,
+        "flops_select": sample.select_flops,
+        **flops_ratios(
+            flops_llm, sample.vision_flops, sample.select_flops, prefill_flops(shape, unpruned), sample.vision_flops_full
+        ),
+    }
+
+
 def efficiency_fields(
     sample: SampleOutput,
     batch: BatchOutput,
@@ -39,20 +54,12 @@ def efficiency_fields(
     bytes_per_elem: int,
 ) -> dict[str, Any]:
     """Counts, retention, FLOPs, timings and memory for one sample (DESIGN.md results schema)."""
-    n_text = sample.seq_len_per_layer[0] - sample.kept_per_layer[0]
-    unpruned = [n_text + sample.n_visual] * len(sample.seq_len_per_layer)
-    flops_llm = prefill_flops(shape, sample.seq_len_per_layer)
     return {
         "n_visual": sample.n_visual,
         "n_kept_input": sample.n_kept_input,
         "kept_per_layer": sample.kept_per_layer,
         **retention_figures(sample.n_visual, sample.n_kept_input, sample.kept_per_layer, headline),
-        "flops_llm": flops_llm,
-        "flops_vision": sample.vision_flops,
-        "flops_select": sample.select_flops,
-        **flops_ratios(
-            flops_llm, sample.vision_flops, sample.select_flops, prefill_flops(shape, unpruned), sample.vision_flops_full
-        ),
+        **flops_fields(sample, shape),
         **timing_fields(batch.timings_ms, len(batch.samples), batch.n_generated),
         "kv_cache_mb": kv_cache_mb(sample.kv_len_per_layer, 1, shape, bytes_per_elem),
         "peak_mem_mb": memory.peak_mb,
