@@ -108,22 +108,24 @@ def default_methods() -> list[str]:
 
 def run_protocol(plan: ProtocolRun, aliases: dict[str, str], echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method of ``plan``; write ``protocol.md``, ``protocol.csv`` and ``protocol.png`` into its
-    directory and return ``{"rows": [...], "skipped": {method: reason}, "directory": Path}``."""
+    directory and return ``{"rows": [...], "skipped": {method: reason}, "directory": Path}``. The figures
+    are `tokbench.report.aggregate`'s (the one definition every report uses; speedup vs ``full`` included)."""
     from tokbench.pruner import BudgetError, MethodError
+    from tokbench.report import aggregate
     from tokbench.runner import RunValidationError, run
+    from tokbench.store import load_runs
 
-    rows, skipped = [], {}
+    run_dirs, skipped = [], {}
     for method in plan.methods:
         try:
-            result = run(plan.config(method), aliases)
+            run_dirs.append(run(plan.config(method), aliases).run_dir)
         except (BudgetError, MethodError, RunValidationError) as err:  # e.g. a ratio a shallow model cannot reach
             skipped[method] = str(err)
             echo(f"{method}: skipped ({err})")
             continue
-        summary = result.summary or {}
-        rows.append({"method": method, **{k: summary.get(k) for k in ("n", "n_errors", "retention", "accuracy",
-                                                                        *plan.protocol.columns)}})  # fmt: skip
-        echo(f"{method}: done ({result.run_dir})")
+        echo(f"{method}: done ({run_dirs[-1]})")
+    columns = ["method", "n", "n_errors", "retention", "accuracy", *plan.protocol.columns, "speedup"]
+    rows = aggregate(load_runs(run_dirs))[columns].to_dict("records") if run_dirs else []
     table = write_outputs(plan, rows, skipped)
     echo(table)
     return {"rows": rows, "skipped": skipped, "directory": plan.directory}
@@ -134,9 +136,6 @@ def write_outputs(plan: ProtocolRun, rows: list[dict[str, Any]], skipped: dict[s
     import pandas as pd
 
     frame = pd.DataFrame(rows)
-    if not frame.empty and "full" in set(frame["method"]):
-        full_ttft = frame.loc[frame["method"] == "full", "ttft_ms"].iloc[0]
-        frame["speedup"] = full_ttft / frame["ttft_ms"]
     plan.directory.mkdir(parents=True, exist_ok=True)
     frame.to_csv(plan.directory / "protocol.csv", index=False)
     p = plan.protocol
