@@ -10,6 +10,7 @@ the same architecture from its seeded random init.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-TINY_MODELS = ("tiny-qwen2.5-vl", "tiny-llava")
+TINY_MODELS = ("tiny-qwen2.5-vl", "tiny-llava", "tiny-qwen2.5-vl-deep")
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "canary"
 
 _QWEN_SPECIALS = [
@@ -132,10 +133,11 @@ def llava_token_ids(ids: dict[str, int]) -> dict[str, int]:
     return dict(image_token_id=ids["<image>"], pad_token_id=ids["<pad>"])
 
 
-def build_tiny_qwen(path: Path, seed: int = 0, weights: Path | None = None) -> Path:
-    """Write a tiny Qwen2.5-VL checkpoint (4 LLM layers, hidden 64; 4 ViT blocks) to ``path``.
+def build_tiny_qwen(path: Path, seed: int = 0, weights: Path | None = None, layers: int = 4) -> Path:
+    """Write a tiny Qwen2.5-VL checkpoint (``layers`` LLM layers, hidden 64; 4 ViT blocks) to ``path``.
 
     224x224 .. 448x448 pixels give 64 .. 256 merged visual tokens: enough to prune, small for CPUs.
+    ``tiny-qwen2.5-vl-deep`` has 12 LLM layers, so in-LLM methods run at their papers' schedules.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -146,7 +148,7 @@ def build_tiny_qwen(path: Path, seed: int = 0, weights: Path | None = None) -> P
             vocab_size=len(processor.tokenizer),
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=4,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=4096,
@@ -237,7 +239,11 @@ def _set_generation_ids(model, eos: int, pad: int) -> None:
     model.generation_config.pad_token_id = pad
 
 
-_BUILDERS = {"tiny-qwen2.5-vl": build_tiny_qwen, "tiny-llava": build_tiny_llava}
+_BUILDERS = {
+    "tiny-qwen2.5-vl": build_tiny_qwen,
+    "tiny-llava": build_tiny_llava,
+    "tiny-qwen2.5-vl-deep": functools.partial(build_tiny_qwen, layers=12),
+}
 BUILD_VERSION = 3  # part of the cache directory's name: bump whenever a builder's config or tokenizer changes
 
 
