@@ -38,7 +38,7 @@ def test_vision_flops_equal_counted_tower_llava(llava):
     batch = llava.preprocess([[image]], ["q"])
     with torch.no_grad():
         counted = _counted(lambda: llava.encode_images(batch))
-    assert llava.vision_flops(llava.token_grid(image)) == counted
+    assert llava.vision_flops(llava.token_tiles(image)[0].grid) == counted
 
 
 def test_layer_flops_equal_counted_decoder_layer(adapter):
@@ -62,7 +62,7 @@ def test_attention_row_flops_equal_counted_row(adapter):
     rope = adapter.rotary(hidden, positions)
     valid = torch.ones(1, n, dtype=torch.bool)
     with torch.no_grad():
-        counted = _counted(lambda: attention_row(adapter.layers[0], hidden, -1, valid, rope))
+        counted = _counted(lambda: attention_row(adapter, adapter.layers[0], hidden, -1, valid, rope))
     assert attention_row_flops(shape, n) == counted
 
 

@@ -151,11 +151,12 @@ def test_config_only_model_info_equals_the_loaded_adapters(name):
 
 @pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "llava-1.5-7b"])
 def test_config_only_model_info_of_shipped_configs_equals_the_adapters(name):
-    from tokbench.models import _adapter
+    from tokbench.models import adapter_class
     from tokbench.models.random_weights import build_random
 
     model, processor = build_random(name, torch.bfloat16, "sdpa", "meta")
-    assert config_info(name, ALIASES, random_weights=True) == _adapter(model, processor, name).info()
+    adapter = adapter_class(model.config.model_type)(model, processor, name)
+    assert config_info(name, ALIASES, random_weights=True) == adapter.info()
 
 
 def test_a_valid_run_passes_without_loading_the_model(tmp_path, no_model_load):
@@ -174,7 +175,7 @@ def test_unknown_hub_model_online_names_what_to_pass(monkeypatch):
         config_info("someorg/not-a-real-vlm", {})
 
 
-QWEN_TINY = ModelInfo("qwen2_5_vl", "t", 4, 64, 4, 4, -1, (1, 3), 4, 32)
+QWEN_TINY = ModelInfo("t", 4, 64, 4, 4, -1, (1, 3), 4, 32, position_rows=3)
 
 
 class _Plugin:

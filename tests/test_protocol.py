@@ -22,7 +22,7 @@ from tokbench.pruner import (
     register_method,
 )
 
-TINY_QWEN = ModelInfo("qwen2_5_vl", "t", 4, 64, 4, 4, -1, (1, 3), 4, 32)
+TINY_QWEN = ModelInfo("t", 4, 64, 4, 4, -1, (1, 3), 4, 32, position_rows=3)
 
 
 @pytest.mark.parametrize("name", method_names())

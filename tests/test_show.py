@@ -8,7 +8,7 @@ from conftest import noise_image, tiny_adapter
 from PIL import Image
 
 from tokbench.pruner import Budget
-from tokbench.show import draw, model_view, run_methods
+from tokbench.show import draw, run_methods, tiles_view
 
 
 def _dimmed_cells(view: Image.Image, reference: Image.Image, grid) -> int:
@@ -22,9 +22,10 @@ def _dimmed_cells(view: Image.Image, reference: Image.Image, grid) -> int:
 def test_random_budget_dims_exactly_the_pruned_cells(family, tmp_path):
     adapter = tiny_adapter(family)
     image = Image.fromarray(np.full((336, 448, 3), 200, dtype=np.uint8))  # non-square, uniform
-    grid = adapter.token_grid(image)
+    (tile,) = adapter.token_tiles(image)
+    grid = tile.grid
     full, random = run_methods(adapter, image, "q?", ["full", "random"], Budget.tokens(10), max_new_tokens=1)
-    reference = model_view(adapter, image)
+    reference = tiles_view(image, [tile], np.ones(tile.n_tokens, dtype=bool))
     assert full["view"].size == reference.size
     assert reference.width // grid[1] == reference.height // grid[0]  # square cells aligned with tokens
     assert _dimmed_cells(full["view"], reference, grid) == 0
@@ -34,7 +35,12 @@ def test_random_budget_dims_exactly_the_pruned_cells(family, tmp_path):
     assert Image.open(written[0]).width > 100
 
 
-def test_qwen_grid_follows_aspect_ratio():
-    adapter = tiny_adapter("tiny-qwen2.5-vl")
-    assert adapter.token_grid(noise_image(448, 336)) == (12, 16)
-    assert model_view(adapter, noise_image(448, 336)).size == (16 * 28, 12 * 28)
+def test_tiles_follow_each_familys_processor():
+    qwen, llava = tiny_adapter("tiny-qwen2.5-vl"), tiny_adapter("tiny-llava")
+    image = noise_image(448, 336)
+    (tile,) = qwen.token_tiles(image)
+    assert tile.grid == (12, 16) and tile.box == (0, 0, 448, 336)  # the whole image, 28 px per token
+    assert tiles_view(image, [tile], np.ones(192, dtype=bool)).size == (16 * 28, 12 * 28)
+    (tile,) = llava.token_tiles(image)
+    assert tile.grid == (8, 8) and tile.box == (56, 0, 392, 336)  # the processor's centre square
+    assert tiles_view(image, [tile], np.ones(64, dtype=bool)).size == (8 * 42, 8 * 42)

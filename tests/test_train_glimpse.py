@@ -13,6 +13,7 @@ from methods.glimpseprune import default_config
 from tokbench.cli import app
 from tokbench.config import load_config
 from tokbench.models import load_model
+from tokbench.models.base import Tile
 from tokbench.train.glimpse import GlimpseTrainConfig, GlimpseTrainer, box_mask, mask_loss, synth_examples
 
 # The attributes the official Qwen2_5_VL_GPConfig adds to Qwen2_5_VLConfig (transformers_gp/models/qwen2_5_vl/
@@ -64,25 +65,41 @@ def _rc(rows: int, cols: int) -> torch.Tensor:
     return torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
 
 
+def _one_tile(rows: int, cols: int, box) -> tuple[list[Tile], torch.Tensor, torch.Tensor]:
+    return [Tile((rows, cols), box)], torch.zeros(rows * cols, dtype=torch.long), _rc(rows, cols)
+
+
 def test_box_mask_marks_the_cells_a_box_spans():
-    # 448 x 336 image, 12 x 16 grid of 28 px cells: x 60..110 lies in cols 2..3, y 30..50 in row 1
-    mask = box_mask([[60, 30, 110, 50]], (448, 336), (12, 16), _rc(12, 16), "qwen2_5_vl").reshape(12, 16)
+    # 448 x 336 image, one 12 x 16 tile over all of it (28 px cells): x 60..110 lies in cols 2..3, y 30..50 in row 1
+    tiles, tile, rc = _one_tile(12, 16, (0, 0, 448, 336))
+    mask = box_mask([[60, 30, 110, 50]], tiles, tile, rc).reshape(12, 16)
     expected = torch.zeros(12, 16)
     expected[1, 2:4] = 1
     assert torch.equal(mask, expected)
-    edge = box_mask([[400, 300, 448, 336]], (448, 336), (12, 16), _rc(12, 16), "qwen2_5_vl").reshape(12, 16)
+    edge = box_mask([[400, 300, 448, 336]], tiles, tile, rc).reshape(12, 16)
     assert edge[-1, -1] == 1 and edge.sum() == 2 * 2  # the right/bottom edge clamps to the last cell
 
 
-def test_box_mask_follows_llavas_centre_crop():
-    # 448 x 336 image: LLaVA sees the centre 336 x 336 (x 56..392) as a 4 x 4 grid
-    inside = box_mask([[70, 10, 130, 60], [300, 250, 380, 330]], (448, 336), (4, 4), _rc(4, 4), "llava").reshape(4, 4)
+def test_box_mask_follows_a_centre_crop_tile():
+    # 448 x 336 image: LLaVA's one tile is the centre 336 x 336 (x 56..392), a 4 x 4 grid
+    tiles, tile, rc = _one_tile(4, 4, (56, 0, 392, 336))
+    inside = box_mask([[70, 10, 130, 60], [300, 250, 380, 330]], tiles, tile, rc).reshape(4, 4)
     expected = torch.zeros(4, 4)
     expected[0, 0] = 1  # x 14..74, y 10..60 of the crop: its first 84 px cell
     expected[2:4, 2:4] = 1  # x 244..324, y 250..330: cells 2..3 both ways
     assert torch.equal(inside, expected)
-    cropped = box_mask([[0, 0, 40, 40]], (448, 336), (4, 4), _rc(4, 4), "llava")
+    cropped = box_mask([[0, 0, 40, 40]], tiles, tile, rc)
     assert cropped.sum() == 0  # entirely left of the crop
+
+
+def test_box_mask_marks_every_tile_a_box_falls_in():
+    # two 2 x 2 tiles side by side over a 200 x 100 image, then a 2 x 2 thumbnail of all of it
+    tiles = [Tile((2, 2), (0, 0, 100, 100)), Tile((2, 2), (100, 0, 200, 100)), Tile((2, 2), (0, 0, 200, 100))]
+    tile = torch.arange(3).repeat_interleave(4)
+    rc = _rc(2, 2).repeat(3, 1)
+    mask = box_mask([[110, 10, 140, 40]], tiles, tile, rc)
+    # second tile: its cell (0, 0); thumbnail: x 110..140 of 200 is col 1, y 10..40 of 100 is row 0
+    assert mask.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0]
 
 
 def test_mask_loss_is_the_official_dice_plus_weighted_bce():

@@ -1,5 +1,9 @@
 """One attention row, recomputed for selection, so the model itself never leaves SDPA/FA2.
 
+Queries and keys come from the family adapter (`ModelAdapter.project_queries` / ``project_keys``: the
+layer's projections plus any per-head norms the family applies, e.g. Qwen3's q_norm/k_norm), rotary
+embeddings from ``adapter.rotary``; the scale is the attention module's own.
+
 Notation: ``b`` batch, ``L`` keys, ``h`` query heads, ``h_kv`` key/value heads, ``hd`` head dim.
 """
 
@@ -18,7 +22,12 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
+def _scale(attn: torch.nn.Module) -> float:
+    return getattr(attn, "scaling", attn.head_dim**-0.5)
+
+
 def attention_row(
+    adapter,
     layer: torch.nn.Module,
     layer_input: torch.Tensor,
     query_index: int,
@@ -27,6 +36,7 @@ def attention_row(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query position to every key, as decoder ``layer`` computes it.
 
+    adapter (ModelAdapter): projects queries and keys as the family does.
     layer_input (Tensor, (b, L, d)): the hidden states entering ``layer`` (before its input norm).
     query_index (int): the query's position in the sequence (e.g. -1, the last prompt token).
     key_valid (BoolTensor, (b, L)): keys the query may see (padding excluded; the query sees all
@@ -35,13 +45,10 @@ def attention_row(
     Returns (logits, probs), each (Tensor, (b, h, L)) in float32: ``q.k / sqrt(hd)`` and its softmax
     over valid keys (masked keys: logit -inf, probability 0).
     """
-    attn = layer.self_attn
     normed = layer.input_layernorm(layer_input)
-    b, length, _ = normed.shape
-    head_dim = attn.head_dim
-    query = attn.q_proj(normed[:, query_index : query_index + 1 if query_index != -1 else None])
-    query = query.view(b, 1, -1, head_dim).transpose(1, 2)  # (b, h, 1, hd)
-    keys = attn.k_proj(normed).view(b, length, -1, head_dim).transpose(1, 2)  # (b, h_kv, L, hd)
+    length = normed.shape[1]
+    query = adapter.project_queries(layer, normed[:, query_index : query_index + 1 if query_index != -1 else None])
+    keys = adapter.project_keys(layer, normed)  # (b, h_kv, L, hd)
     if rope is not None:
         cos, sin = rope
         q_pos = query_index % length
@@ -49,7 +56,7 @@ def attention_row(
         keys = _apply_rope(keys, cos, sin)
     groups = query.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1)  # (b, h, L, hd)
-    logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * head_dim**-0.5  # (b, h, L)
+    logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * _scale(layer.self_attn)  # (b, h, L)
     logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
     return logits, logits.softmax(dim=-1)
 
@@ -71,33 +78,29 @@ def attention_received(
     return received / n
 
 
-def layer_keys(layer: torch.nn.Module, layer_input: torch.Tensor, rope) -> torch.Tensor:
+def layer_keys(adapter, layer: torch.nn.Module, layer_input: torch.Tensor, rope) -> torch.Tensor:
     """Keys of decoder ``layer`` at every position: layer_input (b, L, d) -> (b, h_kv, L, hd), with the
     family's rotary embedding when ``rope`` (cos/sin (b, L, hd)) is given, as the layer caches them."""
-    attn = layer.self_attn
-    normed = layer.input_layernorm(layer_input)
-    b, length, _ = normed.shape
-    keys = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    keys = adapter.project_keys(layer, layer.input_layernorm(layer_input))
     return keys if rope is None else _apply_rope(keys, *rope)
 
 
 def last_rows(
-    layer: torch.nn.Module, layer_input: torch.Tensor, keys: torch.Tensor, n_queries: int, key_valid: torch.Tensor, rope
+    adapter, layer: torch.nn.Module, layer_input: torch.Tensor, keys: torch.Tensor, n_queries: int, key_valid: torch.Tensor, rope
 ) -> torch.Tensor:
     """Causal softmax attention of the last ``n_queries`` positions to every key, as ``layer`` computes it.
 
     keys (b, h_kv, L, hd) from `layer_keys`; key_valid (BoolTensor, (b, L)) -> (b, h, n_queries, L) float32.
     The last row equals `attention_row(...)[1]` for the last position.
     """
-    attn = layer.self_attn
     normed = layer.input_layernorm(layer_input[:, -n_queries:])
-    b, length = key_valid.shape
-    query = attn.q_proj(normed).view(b, n_queries, -1, attn.head_dim).transpose(1, 2)  # (b, h, M, hd)
+    length = key_valid.shape[1]
+    query = adapter.project_queries(layer, normed)  # (b, h, M, hd)
     if rope is not None:
         cos, sin = rope
         query = _apply_rope(query, cos[:, -n_queries:], sin[:, -n_queries:])
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-    logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.head_dim**-0.5  # (b, h, M, L)
+    logits = (query.float() @ keys.float().transpose(-1, -2)) * _scale(layer.self_attn)  # (b, h, M, L)
     q_pos = torch.arange(length - n_queries, length, device=logits.device)
     causal = torch.arange(length, device=logits.device)[None, :] <= q_pos[:, None]  # (M, L)
     allowed = causal[None, None] & key_valid[:, None, None, :]

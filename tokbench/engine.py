@@ -11,18 +11,18 @@ right. With the `full` method it computes exactly what ``model.generate(do_sampl
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from tokbench.attention import attention_row, last_rows, layer_keys
+from tokbench.attention import last_rows, layer_keys
 from tokbench.metrics import LLMShape, StageTimer, attention_row_flops, count_flops
-from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens
+from tokbench.models.base import ModelAdapter, PreparedBatch, Tile, VisualTokens
 from tokbench.pruner import KeepDecision, Pruner, Stage, StageInputs, StageSpec, budget_count, plan_stages, probe_for
 from tokbench.sequence import LayerKVCache, Sequence, attention_mask
+from tokbench.stages import HANDLERS, GlimpseStage, StageHandler, StopPrefill
 
 
 class SelectionError(RuntimeError):
@@ -53,7 +53,7 @@ class SampleOutput:
     seq_len_per_layer: list[int]
     kv_len_per_layer: list[int]
     kept_index: dict[str, list[int]] = field(default_factory=dict)
-    token_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) per image fed, with record_kept
+    token_tiles: list[list[Tile]] = field(default_factory=list)  # per image fed, its tiles, with record_kept
     vision_flops: float = 0.0
     vision_flops_full: float = 0.0
     select_flops: float = 0.0
@@ -143,9 +143,9 @@ class Engine:
                 seq_len_per_layer=[row[i] for row in seq_lens],
                 kv_len_per_layer=[row[i] for row in kv_lens],
                 kept_index=ctx.kept_index[i],
-                token_grids=ctx.token_grids[i],
-                vision_flops=sum(adapter.vision_flops(v.grid_hw) for v in ctx.visual[i]),
-                vision_flops_full=sum(adapter.vision_flops(grid) for grid in ctx.original_grids[i]),
+                token_tiles=ctx.token_tiles[i],
+                vision_flops=sum(adapter.vision_flops(t.grid) for v in ctx.visual[i] for t in v.tiles),
+                vision_flops_full=sum(adapter.vision_flops(t.grid) for tiles in ctx.original_tiles[i] for t in tiles),
                 select_flops=ctx.select_flops[i],
             )
             for i in range(len(questions))
@@ -163,20 +163,24 @@ class Engine:
         with torch.no_grad():
             batch, ctx = self._start(images, questions, list(range(len(images))), 1, timer, count_flops=False)
             seq = self._encode(batch, ctx)
-        return self._prefill(seq, ctx, stop_at_glimpse=True)
+        try:
+            self._prefill(seq, ctx, collect_glimpse=True)
+        except StopPrefill as stop:
+            return stop.inputs
+        raise RuntimeError(f"{self.method.name} has no glimpse stage")
 
     def _start(self, images, questions, doc_ids, max_new_tokens, timer, count_flops=True):
         """Input-stage resize, template and processor, context check: (PreparedBatch, _Context)."""
         adapter = self.adapter
-        original_grids = [[adapter.token_grid(img) for img in imgs] for imgs in images]
-        budgets = [budget_count(self.method.budget, sum(r * c for r, c in grids)) for grids in original_grids]
+        original_tiles = [[adapter.token_tiles(img) for img in imgs] for imgs in images]
+        budgets = [budget_count(self.method.budget, _n_tokens(tiles)) for tiles in original_tiles]
         if any(s.stage == Stage.INPUT for s in self.specs):
             images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
         batch = adapter.preprocess(images, questions)
         _check_context(batch.attention_mask.sum(1).tolist(), max_new_tokens, adapter, doc_ids)
-        ctx = _Context(self, [len(imgs) for imgs in images], original_grids, budgets, doc_ids, questions, timer, count_flops)
+        ctx = _Context(self, [len(imgs) for imgs in images], original_tiles, budgets, doc_ids, questions, timer, count_flops)
         if self.record_kept:
-            ctx.token_grids = [[adapter.token_grid(img) for img in imgs] for imgs in images]
+            ctx.token_tiles = _group(batch.tiles, ctx.images_per_sample)
         return batch, ctx
 
     def _encode(self, batch: PreparedBatch, ctx: _Context) -> Sequence:
@@ -206,82 +210,54 @@ class Engine:
         visual_index = torch.where(image_mask, image_mask.long().cumsum(-1) - 1, -1)
         valid = batch.attention_mask.bool()
         positions = adapter.initial_position_ids(batch)
-        probe = torch.zeros_like(valid)
-        return Sequence(embeds, positions, valid, visual_index, probe)
+        return Sequence(embeds, positions, valid, visual_index, torch.zeros_like(valid))
 
-    def _append_probe(self, seq: Sequence) -> None:
-        """Append the glimpse token after the prompt, at position last + 1 (all M-RoPE rows)."""
-        b = seq.hidden.shape[0]
-        token = self.probe.token_embed.to(seq.hidden)
-        seq.hidden = torch.cat([seq.hidden, token.expand(b, 1, -1)], dim=1)
-        seq.positions = torch.cat([seq.positions, seq.next_positions()], dim=2)
-        ones = torch.ones(b, 1, dtype=torch.bool, device=seq.valid.device)
-        seq.valid = torch.cat([seq.valid, ones], dim=1)
-        seq.visual_index = torch.cat([seq.visual_index, torch.full_like(ones, -1, dtype=torch.long)], dim=1)
-        seq.probe = torch.cat([torch.zeros_like(seq.probe), ones], dim=1)
-
-    def _prefill(self, seq: Sequence, ctx: _Context, stop_at_glimpse: bool = False):
-        """LLM layers with the method's `llm`/`glimpse` stages; every selection step is timed ``select``
-        and its attention rows are booked (analytically) as the sample's selection FLOPs."""
-        adapter = self.adapter
-        timer = ctx.timer
-        stage_at = {s.layer: s for s in self.specs if s.stage in (Stage.LLM, Stage.GLIMPSE)}
-        glimpse = next((s for s in self.specs if s.stage == Stage.GLIMPSE), None)
-        if glimpse is not None:
-            timer.begin("glimpse")
-            with timer.span("select"):
-                self._append_probe(seq)
-        cache = LayerKVCache(adapter.n_layers)
-        rope = adapter.rotary(seq.hidden, seq.positions)
-        mask = attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
-        probe_logits: list[torch.Tensor] = []
-        kept_per_layer, seq_lens = [], []
+    def _prefill(self, seq: Sequence, ctx: _Context, collect_glimpse: bool = False):
+        """LLM layers with the method's `llm`/`glimpse` stages, each run by its handler (`tokbench.stages`);
+        every selection step is timed ``select`` and its attention rows are booked (analytically) as the
+        sample's selection FLOPs. Under a device map, the sequence follows each layer to its device."""
+        adapter, timer = self.adapter, ctx.timer
+        handlers = [self._handler(spec, ctx, collect_glimpse) for spec in self.specs if spec.stage in HANDLERS]
         if any(s.prompt_context for s in self.specs):
             ctx.keep_layer_0_inputs(seq)
+        for handler in handlers:
+            handler.begin(seq)
+        cache = LayerKVCache(adapter.n_layers)
+        kept_per_layer, seq_lens = [], []
+        rope = mask = None
         for index, layer in enumerate(adapter.layers):
-            spec = stage_at.get(index)
-            row = None
-            selecting = spec is not None or (glimpse is not None and index <= glimpse.layer)
-            with timer.span("select") if selecting else contextlib.nullcontext():
-                if glimpse is not None and index <= glimpse.layer:
-                    layer_embeds = self.probe.layer_embeds
-                    if layer_embeds is not None and index < layer_embeds.shape[0]:
-                        seq.hidden = seq.hidden + seq.probe[..., None] * layer_embeds[index].to(seq.hidden)
-                    if index in self.probe.attention_layers:
-                        probe_logits.append(attention_row(layer, seq.hidden, -1, seq.valid, rope)[0])
-                        ctx.count_rows(seq.valid)
-                if spec is not None and spec.stage == Stage.LLM and spec.attention_from == "same":
-                    row = attention_row(layer, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
-                    ctx.count_rows(seq.valid)
-                if spec is not None and spec.prompt_context:
-                    ctx.prompt_context(layer, seq, rope if spec.attention_rope else None)
+            device = adapter.layer_device(index)
+            if rope is None or seq.hidden.device != device:
+                seq.to(device)
+                rope, mask = self._rope_and_mask(seq)
+            working = [h for h in handlers if h.works_before(index)]
+            if working:
+                with timer.span("select"):
+                    for handler in working:
+                        handler.before(index, layer, seq, rope)
             kept_per_layer.append(seq.visual_count().tolist())
-            seq_lens.append((seq.valid & ~seq.probe).sum(1).tolist())
+            seq_lens.append((seq.valid & ~seq.scratch).sum(1).tolist())
             seq.hidden = layer(
                 seq.hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **{self.cache_kwarg: cache}
             )
+            seq.hidden = adapter.after_layer(index, seq.hidden, seq.visual_index, ctx.visual)
             cache.valid[index] = seq.valid
-            if spec is None:
-                continue
-            with timer.span("select"):
-                if spec.stage == Stage.LLM and spec.attention_from == "next":
-                    nxt = adapter.layers[index + 1]
-                    row = attention_row(nxt, seq.hidden, -1, seq.valid, rope if spec.attention_rope else None)
-                    ctx.count_rows(seq.valid)
-                if spec.stage == Stage.GLIMPSE:
-                    row = (torch.stack(probe_logits, dim=1), None) if probe_logits else None  # (b, layers, h, L)
-                    if stop_at_glimpse:
-                        return [ctx.inputs(spec, seq, i, seq.is_visual[i].nonzero()[:, 0], row) for i in range(len(ctx.doc_ids))]
-                keep = ctx.decide(spec, seq, attention=row)
-                gather, valid = seq.compact(keep & ~seq.probe, self.reindex)
-                if spec.stage == Stage.GLIMPSE:
-                    for done in range(index + 1):
-                        cache.compact(done, gather, valid)
-                rope = adapter.rotary(seq.hidden, seq.positions)
-                mask = attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
-            if spec.stage == Stage.GLIMPSE:
-                timer.end("glimpse")
+            for handler in (h for h in handlers if h.works_after(index)):
+                with timer.span("select"):
+                    if handler.after(index, seq, rope, cache):
+                        rope, mask = self._rope_and_mask(seq)
+                handler.close(index)
         return cache, kept_per_layer, seq_lens
+
+    def _handler(self, spec: StageSpec, ctx: _Context, collect_glimpse: bool) -> StageHandler:
+        if spec.stage == Stage.GLIMPSE:
+            return GlimpseStage(self, ctx, spec, collect_only=collect_glimpse)
+        return HANDLERS[spec.stage](self, ctx, spec)
+
+    def _rope_and_mask(self, seq: Sequence):
+        """The layers' rotary cos/sin and attention mask for the sequence as it is now, on its device."""
+        rope = self.adapter.rotary(seq.hidden, seq.positions)
+        return rope, attention_mask(seq.valid, seq.valid, self.attn_impl, seq.hidden.dtype)
 
     # --- decoding ---------------------------------------------------------------------------------
     def _decode(self, seq: Sequence, cache: LayerKVCache, first_logits: torch.Tensor, max_new_tokens: int):
@@ -293,23 +269,26 @@ class Engine:
         finished = torch.isin(token, eos)
         positions = seq.next_positions()
         b = token.shape[0]
-        new_valid = torch.ones(b, 1, dtype=torch.bool, device=token.device)
+        embed_device = adapter.text_model.embed_tokens.weight.device
         for _ in range(max_new_tokens - 1):
             if bool(finished.all()):
                 break
-            hidden = adapter.text_model.embed_tokens(token[:, None])
-            rope = adapter.rotary(hidden, positions)
+            hidden = adapter.text_model.embed_tokens(token[:, None].to(embed_device))
+            rope = adapter.rotary(hidden, positions.to(embed_device))
             masks: dict[int, torch.Tensor | None] = {}
             for index, layer in enumerate(adapter.layers):
                 previous = cache.valid[index]
+                if hidden.device != previous.device:  # the next layer lives on another device (device map)
+                    hidden, rope = hidden.to(previous.device), tuple(t.to(previous.device) for t in rope)
                 if id(previous) not in masks:
+                    new_valid = torch.ones(b, 1, dtype=torch.bool, device=previous.device)
                     grown = torch.cat([previous, new_valid], dim=1)
                     masks[id(previous)] = (grown, attention_mask(new_valid, grown, self.attn_impl, hidden.dtype))
                 cache.valid[index], mask = masks[id(previous)]
                 hidden = layer(
                     hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **{self.cache_kwarg: cache}
                 )
-            token = adapter.logits(hidden[:, -1]).argmax(-1)
+            token = adapter.logits(hidden[:, -1]).argmax(-1).to(finished.device)
             token = torch.where(finished, adapter.pad_token_id, token)
             generated.append(token)
             finished |= torch.isin(token, eos)
@@ -337,26 +316,26 @@ class _Context:
     """Per-batch selection bookkeeping: builds `StageInputs` per sample, validates decisions and counts
     each sample's selection FLOPs (``select_flops``)."""
 
-    def __init__(self, engine: Engine, images_per_sample, original_grids, budgets, doc_ids, questions,
+    def __init__(self, engine: Engine, images_per_sample, original_tiles, budgets, doc_ids, questions,
                  timer: StageTimer, count_flops: bool = True):  # fmt: skip
         self.engine = engine
         self.questions = questions
         self.images_per_sample: list[int] = images_per_sample
         self.visual: list[list[VisualTokens]] = []  # per sample, after the vision tower (set_visual)
-        self.original_grids: list[list[tuple[int, int]]] = original_grids  # per sample, per image as given
-        self.n_original = [sum(r * c for r, c in grids) for grids in original_grids]
+        self.original_tiles: list[list[list[Tile]]] = original_tiles  # per sample, per image as given
+        self.n_original = [_n_tokens(tiles) for tiles in original_tiles]
         self.budgets = budgets
         self.doc_ids = doc_ids
         self.timer = timer
         self.kept_index: list[dict[str, list[int]]] = [{} for _ in doc_ids]
-        self.token_grids: list[list[tuple[int, int]]] = [[] for _ in doc_ids]  # with record_kept
+        self.token_tiles: list[list[list[Tile]]] = [[] for _ in doc_ids]  # with record_kept
         self.select_flops: list[float] = [0.0 for _ in doc_ids]
         self.count_flops = count_flops
         self.shape = LLMShape.from_config(engine.adapter.text_config)
 
     def set_visual(self, visual: list[list[VisualTokens]]) -> None:
         self.visual = visual
-        self.rc = [_token_rc(v) for v in visual]
+        self.layout = [_token_layout(v) for v in visual]  # per sample: (tile grids, (n, 4) image/tile/row/col)
 
     def count_rows(self, valid: torch.Tensor, rows: list[int] | None = None) -> None:
         """Book ``rows[i]`` (default 1) recomputed attention rows of sample ``i`` over its ``valid`` (b, L) keys."""
@@ -373,8 +352,8 @@ class _Context:
         """Layer ``layer``'s keys and the causal attention rows of the prompt after the image, from its input."""
         after = _after_image(seq)
         counts = after.sum(1).tolist()
-        keys = layer_keys(layer, seq.hidden, rope)  # (b, h_kv, L, hd)
-        rows = last_rows(layer, seq.hidden, keys, max(counts), seq.valid, rope)  # (b, h, M, L)
+        keys = layer_keys(self.engine.adapter, layer, seq.hidden, rope)  # (b, h_kv, L, hd)
+        rows = last_rows(self.engine.adapter, layer, seq.hidden, keys, max(counts), seq.valid, rope)  # (b, h, M, L)
         self.llm_context = {"keys": keys, "rows": rows, "after": after, "counts": counts}
         self.count_rows(seq.valid, counts)
 
@@ -389,7 +368,7 @@ class _Context:
         """Selection FLOPs of the vision-attention statistics, recomputed per sample from the kept block inputs."""
         adapter = self.engine.adapter
         for i, per_image in enumerate(block_inputs):
-            copies = [VisualTokens(v.embeds, v.grid_hw, extras={**v.extras, "block_inputs": b}) for v, b in zip(self.visual[i], per_image)]
+            copies = [VisualTokens(v.embeds, v.tiles, extras={**v.extras, "block_inputs": b}) for v, b in zip(self.visual[i], per_image)]
             self._count(i, lambda copies=copies: adapter.vision_attention(copies))
 
     def decide(self, spec: StageSpec, seq: Sequence, attention) -> torch.Tensor:
@@ -419,12 +398,16 @@ class _Context:
     def inputs(self, spec: StageSpec, seq: Sequence, i: int, positions, attention) -> StageInputs:
         original = seq.visual_index[i, positions]
         visual = self.visual[i]
+        tile_grids, layout = self.layout[i]
+        where = layout[original.cpu()]  # (n, 4): image, tile, row, col
         inputs = StageInputs(
             n_visual=int(positions.numel()),
             n_visual_original=self.n_original[i],
-            grid_hw=visual[0].grid_hw,
-            token_rc=self.rc[i][original.cpu()],
+            tile_grids=tile_grids,
+            token_rc=where[:, 2:],
             budget_count=self.budgets[i],
+            token_tile=where[:, 1],
+            token_image=where[:, 0],
             question=self.questions[i],
             generator=torch.Generator().manual_seed(self.engine.seed * 1_000_003 + int(self.doc_ids[i])),
         )
@@ -437,8 +420,8 @@ class _Context:
             inputs.vision_hidden = {
                 layer: torch.cat([v.vision_hidden[layer] for v in visual])[original] for layer in spec.vision_layers
             }
-            if "cls" in visual[0].extras:
-                inputs.extras["cls"] = {layer: visual[0].extras["cls"][layer] for layer in spec.vision_layers}
+            if "cls" in visual[0].extras:  # (T, d_v): every tile's CLS output, the sample's tiles in order
+                inputs.extras["cls"] = {layer: torch.cat([v.extras["cls"][layer] for v in visual]) for layer in spec.vision_layers}
         if spec.vision_attention:
             inputs.extras["vision_attention"] = {
                 layer: _index_stats([v.extras["vision_attention"][layer] for v in visual], original)
@@ -497,17 +480,26 @@ def _after_image(seq: Sequence) -> torch.Tensor:
     """(b, L) the valid tokens after each row's last visual token (the prompt after the image)."""
     index = torch.arange(seq.hidden.shape[1], device=seq.hidden.device)
     last = torch.where(seq.is_visual, index, -1).amax(dim=1, keepdim=True)
-    return seq.valid & ~seq.probe & (index > last)
+    return seq.valid & ~seq.scratch & (index > last)
 
 
-def _token_rc(visual: list[VisualTokens]) -> torch.Tensor:
-    """(n, 2) row/col of every visual token of a sample (images concatenated)."""
-    rows = []
-    for v in visual:
-        r, c = v.grid_hw
-        grid = torch.stack(torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij"), dim=-1)
-        rows.append(grid.reshape(-1, 2))
-    return torch.cat(rows)
+def _token_layout(visual: list[VisualTokens]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """A sample's tile grids (images in order, tiles in order) and (n, 4) image / tile / row / col of every
+    visual token (images and tiles concatenated, raster order within a tile)."""
+    grids, rows = [], []
+    for image, v in enumerate(visual):
+        for tile in v.tiles:
+            r, c = tile.grid
+            rc = torch.stack(torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij"), dim=-1).reshape(-1, 2)
+            ids = torch.tensor([image, len(grids)]).expand(r * c, 2)
+            rows.append(torch.cat([ids, rc], dim=1))
+            grids.append((r, c))
+    return grids, torch.cat(rows)
+
+
+def _n_tokens(tiles: list[list[Tile]]) -> int:
+    """Visual tokens of a sample whose images have ``tiles``."""
+    return sum(t.n_tokens for image in tiles for t in image)
 
 
 def _group(visual: list[VisualTokens], counts: list[int]) -> list[list[VisualTokens]]:

@@ -94,10 +94,9 @@ def _thumbnails(samples: pd.DataFrame, out_dir: Path) -> tuple[dict[int, str], d
         questions[index] = str(doc.meta.get("question", doc.prompt))
         if not doc.images:
             continue
-        family = manifest.get("model", {}).get("family", "qwen2_5_vl")
-        grids = row.get("token_grids")
-        if isinstance(grids, list) and grids:
-            view = saved_overlay(doc.images[0], row.to_dict(), family)[0]
+        tiles = row.get("token_tiles")
+        if isinstance(tiles, list) and tiles:
+            view = saved_overlay(doc.images[0], row.to_dict())[0]
         else:
             view = doc.images[0].convert("RGB")
         view.thumbnail((THUMB_PX, THUMB_PX * 4))

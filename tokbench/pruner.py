@@ -2,7 +2,7 @@
 
 Notation: ``n`` visual tokens of one sample at the current stage, ``d`` LLM hidden size,
 ``d_v`` vision-tower hidden size, ``h`` attention heads, ``u`` vision patches per LLM token
-(4 for Qwen2.5-VL's 2x2 merge, 1 for LLaVA).
+(4 where 2x2 patches merge into one token, 1 for CLIP-style towers).
 
 A method is a small, pure object: it declares the stages it acts at and, for each stage the engine
 reaches, returns a `KeepDecision` for one sample from a `StageInputs`. It never touches the model.
@@ -89,16 +89,18 @@ class GlimpseProbe:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Facts about the model a method may use to pick its stages (never the model itself).
+    """Facts about the model a method may use to pick its stages: capabilities, never a family name.
 
-    family: "qwen2_5_vl" | "llava"; name: alias, hub id or path as given; n_layers, hidden_size,
-    n_heads: the LLM decoder's; vision_depth: vision-tower blocks; vision_feature_layer: the block whose
-    output feeds the projector (-2 for LLaVA-1.5, -1 for Qwen2.5-VL); vision_full_attention: blocks
-    with full (not windowed) attention; patches_per_token: ``u`` (4 for Qwen2.5-VL, 1 for LLaVA);
-    vision_hidden_size: the tower's width ``d_v`` (None where unknown).
+    name: alias, hub id or path as given; n_layers, hidden_size, n_heads: the LLM decoder's;
+    vision_depth: vision-tower blocks; vision_feature_layer: the block whose output feeds the projector
+    (e.g. -2 for LLaVA-1.5, -1 for Qwen2.5-VL); vision_full_attention: blocks with full (not windowed)
+    attention; patches_per_token: ``u`` (4 where 2x2 patches merge into one token, 1 for CLIP-style
+    towers); vision_hidden_size: the tower's width ``d_v`` (None where unknown); has_cls: the tower
+    prepends a CLS token (its attention row is ``stats["cls"]``, its outputs ``StageInputs.extras["cls"]``);
+    tiles_per_image: the most token grids one image can produce (dynamic tiling plus thumbnail; 1 for
+    one grid per image); position_rows: 3 for M-RoPE (row/col/time position ids), 1 for 1-D RoPE.
     """
 
-    family: str
     name: str
     n_layers: int
     hidden_size: int
@@ -108,6 +110,14 @@ class ModelInfo:
     vision_full_attention: tuple[int, ...]
     patches_per_token: int
     vision_hidden_size: int | None = None
+    has_cls: bool = False
+    tiles_per_image: int = 1
+    position_rows: int = 1
+
+    @property
+    def vision_windowed(self) -> bool:
+        """Some vision blocks attend within windows only (Qwen2.5-VL's tower)."""
+        return len(self.vision_full_attention) < self.vision_depth
 
 
 class BudgetError(ValueError):
@@ -172,10 +182,13 @@ class StageInputs:
     """What the engine hands a method for one sample at one stage. Fields a stage lacks are ``None``.
 
     n_visual (int): visual tokens of this sample at this stage (after earlier drops).
-    n_visual_original (int): visual tokens the image produced.
-    grid_hw (tuple[int, int]): the image's token grid (rows, cols) in LLM tokens.
-    token_rc (LongTensor, (n, 2)): row/col of each current visual token in that grid.
+    n_visual_original (int): visual tokens the sample's images produced (every image, every tile).
+    tile_grids (list[tuple[int, int]]): the token grid (rows, cols) of every tile of the sample, images
+        in order, each image's tiles in order (one tile per image for most families).
+    token_rc (LongTensor, (n, 2)): row/col of each current visual token within its tile.
     budget_count (int | None): tokens to keep out of ``n_visual_original`` (None for dynamic budgets).
+    token_tile (LongTensor, (n,)): each current token's tile, an index into ``tile_grids`` (None: all 0).
+    token_image (LongTensor, (n,)): each current token's image within the sample (None: all 0).
     question (str): the sample's question text (instruction-aware methods).
     instruction_embeds (Tensor, (m, d)): the question's tokens in LLM input space (`embed`, `vision`).
     visual_embeds (Tensor, (n, d)): visual tokens in LLM input space (`embed`, `vision`).
@@ -191,9 +204,11 @@ class StageInputs:
 
     n_visual: int
     n_visual_original: int
-    grid_hw: tuple[int, int]
+    tile_grids: list[tuple[int, int]]
     token_rc: torch.Tensor
     budget_count: int | None
+    token_tile: torch.Tensor | None = None
+    token_image: torch.Tensor | None = None
     question: str = ""
     instruction_embeds: torch.Tensor | None = None
     visual_embeds: torch.Tensor | None = None

@@ -318,7 +318,7 @@ class _Recorder:
         }
         if self.config.save_masks:  # enough to draw the overlay later (tokbench show RUN_DIR, tokbench html)
             row["kept_index"] = sample.kept_index
-            row["token_grids"] = [list(grid) for grid in sample.token_grids]
+            row["token_tiles"] = [[tile.as_row() for tile in tiles] for tiles in sample.token_tiles]
             row["image_sizes"] = [list(image.info.get("tokbench_original_size", image.size)) for image in doc.images]
         if self.task.judged:  # scored later by tokbench.judge (judge_run)
             row.update(question=doc.meta.get("question", doc.prompt), subset=doc.meta.get("subset"), judge=None)

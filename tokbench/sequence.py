@@ -85,14 +85,31 @@ class Sequence:
 
     hidden (Tensor, (b, L, d)); positions (LongTensor, (P, b, L)); valid (BoolTensor, (b, L));
     visual_index (LongTensor, (b, L)): the original index of each visual token, -1 for text/padding;
-    probe (BoolTensor, (b, L)): the temporary glimpse token.
+    scratch (BoolTensor, (b, L)): tokens a stage handler appended for its own scoring (GlimpsePrune's
+        probe token); never kept by a drop, never counted in sequence lengths.
     """
 
     hidden: torch.Tensor
     positions: torch.Tensor
     valid: torch.Tensor
     visual_index: torch.Tensor
-    probe: torch.Tensor
+    scratch: torch.Tensor
+
+    def to(self, device: torch.device) -> None:
+        """Move every tensor to ``device`` (the next decoder layer's, under a device map)."""
+        for name in ("hidden", "positions", "valid", "visual_index", "scratch"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def append_scratch(self, embeds: torch.Tensor) -> None:
+        """Append one scratch token per row, embeds (b, 1, d), after the last position (id last + 1 in
+        every position row)."""
+        b = embeds.shape[0]
+        self.hidden = torch.cat([self.hidden, embeds], dim=1)
+        self.positions = torch.cat([self.positions, self.next_positions()], dim=2)
+        ones = torch.ones(b, 1, dtype=torch.bool, device=self.valid.device)
+        self.valid = torch.cat([self.valid, ones], dim=1)
+        self.visual_index = torch.cat([self.visual_index, torch.full_like(ones, -1, dtype=torch.long)], dim=1)
+        self.scratch = torch.cat([self.scratch, ones], dim=1)
 
     @property
     def is_visual(self) -> torch.Tensor:
@@ -112,7 +129,7 @@ class Sequence:
         self.hidden = gather_tokens(self.hidden, index)
         self.positions = torch.stack([gather_tokens(p, index) for p in self.positions])
         self.visual_index = torch.where(valid, gather_tokens(self.visual_index, index), -1)
-        self.probe = gather_tokens(self.probe, index) & valid
+        self.scratch = gather_tokens(self.scratch, index) & valid
         self.valid = valid
         if reindex:
             contiguous = (valid.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,8 +1,9 @@
 """Which visual tokens survive: the image once per method, pruned token cells dimmed.
 
-The image is drawn as the model sees it (Qwen2.5-VL: resized to its token grid x 28 px; LLaVA: the
-processor's shortest-edge resize and centre crop), so grid cells align with the model's tokens for any
-aspect ratio. A token counts as kept when it survives the method's last stage (what decoding attends to).
+The image is drawn as the model's token tiles cover it (`ModelAdapter.token_tiles`: each tile's pixel box,
+resized to its grid; Qwen-VL: the whole image; LLaVA: the processor's centre square; InternVL: each tile,
+then the thumbnail, side by side), so grid cells align with the model's tokens for any aspect ratio. A token
+counts as kept when it survives the method's last stage (what decoding attends to).
 """
 
 from __future__ import annotations
@@ -12,24 +13,34 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tokbench.models.base import ModelAdapter
+from tokbench.models.base import ModelAdapter, Tile
 from tokbench.pruner import Budget, Stage, build_method
 
-
-def grid_view(image: Image.Image, grid: tuple[int, int], family: str) -> Image.Image:
-    """``image`` cropped/resized to exactly the region a (rows, cols) token grid of ``family`` covers."""
-    rows, cols = grid
-    if family == "llava":
-        short = min(image.size)
-        left, top = (image.width - short) // 2, (image.height - short) // 2
-        image = image.crop((left, top, left + short, top + short))
-    cell = 28 if family != "llava" else 14
-    return image.convert("RGB").resize((cols * cell, rows * cell), Image.BICUBIC)
+GAP_PX = 6  # between the tiles of one image
 
 
-def model_view(adapter: ModelAdapter, image: Image.Image) -> Image.Image:
-    """``image`` as the model's token grid covers it."""
-    return grid_view(image, adapter.token_grid(image), adapter.family)
+def tile_view(image: Image.Image, tile: Tile) -> Image.Image:
+    """The pixels ``tile`` covers, resized so that each of its tokens is a whole number of pixels."""
+    rows, cols = tile.grid
+    x0, y0, x1, y1 = tile.box
+    cell_w, cell_h = max(4, round((x1 - x0) / cols)), max(4, round((y1 - y0) / rows))
+    region = image.convert("RGB").crop(tuple(round(v) for v in tile.box))
+    return region.resize((cols * cell_w, rows * cell_h), Image.BICUBIC)
+
+
+def tiles_view(image: Image.Image, tiles: list[Tile], mask: np.ndarray, dim: float = 0.25) -> Image.Image:
+    """Every tile of ``image`` side by side, the cells of tokens where ``mask`` (over the image's tokens,
+    tiles in order) is False darkened to ``dim`` brightness."""
+    views, start = [], 0
+    for tile in tiles:
+        views.append(dim_pruned(tile_view(image, tile), tile.grid, mask[start : start + tile.n_tokens], dim))
+        start += tile.n_tokens
+    canvas = Image.new("RGB", (sum(v.width for v in views) + GAP_PX * (len(views) - 1), max(v.height for v in views)), "white")
+    left = 0
+    for view in views:
+        canvas.paste(view, (left, 0))
+        left += view.width + GAP_PX
+    return canvas
 
 
 def kept_mask(kept_index: dict[str, list[int]], n_visual: int) -> np.ndarray:
@@ -64,11 +75,11 @@ def run_methods(adapter: ModelAdapter, image: Image.Image, question: str, method
             source = adapter.resize_to_tokens(image, budget.count(adapter.n_visual_tokens(image)))
         out = Engine(adapter, method, record_kept=True).generate([[image]], [question], [0], max_new_tokens)
         sample = out.samples[0]
-        grid = adapter.token_grid(source)
-        mask = kept_mask(sample.kept_index, grid[0] * grid[1])
+        tiles = adapter.token_tiles(source)
+        mask = kept_mask(sample.kept_index, sum(t.n_tokens for t in tiles))
         panels.append({
             "method": name,
-            "view": dim_pruned(model_view(adapter, source), grid, mask),
+            "view": tiles_view(source, tiles, mask),
             "kept": int(mask.sum()),
             "retention": int(mask.sum()) / sample.n_visual,
             "answer": printable(sample.text),
@@ -76,18 +87,19 @@ def run_methods(adapter: ModelAdapter, image: Image.Image, question: str, method
     return panels
 
 
-def saved_overlay(image: Image.Image, row: dict, family: str) -> tuple[Image.Image, int, int]:
-    """The first image of a ``--save-masks`` row, pruned cells dimmed: (view, kept, tokens in its grid).
+def saved_overlay(image: Image.Image, row: dict) -> tuple[Image.Image, int, int]:
+    """The first image of a ``--save-masks`` row, pruned cells dimmed: (view, kept, tokens of that image).
 
     ``row`` carries ``kept_index`` (indices over all the sample's visual tokens, per stage) and
-    ``token_grids`` (the grids the model saw, after any input-stage downsampling).
+    ``token_tiles`` (per image, the tiles the model saw as [rows, cols, x0, y0, x1, y1], after any
+    input-stage downsampling, boxes in the pixels of the image as run).
     """
-    if not row.get("token_grids"):
+    if not row.get("token_tiles"):
         raise ValueError(f"doc {row.get('doc_id')} of run {row.get('run_id')} has no saved masks; rerun it with --save-masks")
-    grids = [tuple(g) for g in row["token_grids"]]
-    n_first = grids[0][0] * grids[0][1]
-    mask = kept_mask(row.get("kept_index") or {}, sum(r * c for r, c in grids))[:n_first]
-    return dim_pruned(grid_view(image, grids[0], family), grids[0], mask), int(mask.sum()), n_first
+    images = [[Tile.from_row(t) for t in tiles] for tiles in row["token_tiles"]]
+    n_first = sum(t.n_tokens for t in images[0])
+    mask = kept_mask(row.get("kept_index") or {}, sum(t.n_tokens for tiles in images for t in tiles))[:n_first]
+    return tiles_view(image, images[0], mask), int(mask.sum()), n_first
 
 
 class DocSource:
@@ -121,7 +133,7 @@ def run_panels(run_dirs: list[Path], doc_id: int) -> list[dict]:
         row = next((r for r in store.records() if r["doc_id"] == doc_id), None)
         if row is None or row.get("error"):
             raise ValueError(f"{run_dir} has no result for doc {doc_id}" + (f" ({row['error']})" if row else ""))
-        view, kept, _ = saved_overlay(docs.doc(manifest, doc_id).images[0], row, manifest["model"]["family"])
+        view, kept, _ = saved_overlay(docs.doc(manifest, doc_id).images[0], row)
         panels.append({"method": f"{row['method']} {row['budget']}", "view": view, "kept": kept,
                        "retention": row["retention"], "answer": printable(row["prediction"])})  # fmt: skip
     return panels

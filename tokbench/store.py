@@ -46,7 +46,7 @@ SAMPLE_FIELDS: tuple[str, ...] = (
 )  # fmt: skip
 # Optional keys a record may carry beyond the schema; written only when present.
 OPTIONAL_FIELDS: tuple[str, ...] = (
-    "kept_index", "token_grids", "image_sizes",  # --save-masks: kept indices per stage, (rows, cols) and (w, h) per image
+    "kept_index", "token_tiles", "image_sizes",  # --save-masks: kept indices per stage, tiles and (w, h) per image
     "question", "subset", "judge", "judge_reply", "judge_error",  # judged tasks (tokbench.judge)
 )  # fmt: skip
 

@@ -35,11 +35,11 @@ def train_canary(
 
     from tokbench.config import load_config
     from tokbench.models import load_model
-    from tokbench.models.tiny import ASSETS, TINY_MODELS
+    from tokbench.models.tiny import ASSETS, tiny_families
     from tokbench.train.canary import CanaryConfig, save_weights, train
 
-    if model not in TINY_MODELS:
-        c.fail(f"train-canary trains {' or '.join(TINY_MODELS)}, not {model!r}", 2)
+    if model not in tiny_families():
+        c.fail(f"train-canary trains {', '.join(sorted(tiny_families()))}, not {model!r}", 2)
     if output is not None:
         c.writable_dir(output.parent)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -82,10 +82,10 @@ def train_glimpse(
 
     from tokbench.config import load_config
     from tokbench.models import load_model
-    from tokbench.models.tiny import TINY_MODELS, glimpse_weights_dir
+    from tokbench.models.tiny import glimpse_weights_dir, tiny_families
     from tokbench.train.glimpse import GlimpseTrainConfig, GlimpseTrainer
 
-    if output is None and model not in TINY_MODELS:
+    if output is None and model not in tiny_families():
         c.fail("pass --output DIR for the trained glimpse weights", 2)
     if output is not None:
         c.writable_dir(output)

@@ -1,4 +1,8 @@
-"""Model loading: alias or hub id or local path -> a `ModelAdapter` for its family."""
+"""Model loading: alias or hub id or local path -> a `ModelAdapter` for its family.
+
+Families are discovered, not listed: ``tokbench/models/families/<model_type>.py`` serves checkpoints whose
+``config.model_type`` is ``<model_type>`` through its ``ADAPTER`` class.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,23 @@ from pathlib import Path
 
 from tokbench.models.base import ModelAdapter
 
-_FAMILIES = {"qwen2_5_vl": "tokbench.models.qwen2_5_vl:Qwen25VLAdapter", "llava": "tokbench.models.llava:LlavaAdapter"}
+FAMILY_DIR = Path(__file__).resolve().parent / "families"
 
 
 class ModelError(ValueError):
     """An unknown alias, a missing path, or an unsupported architecture."""
+
+
+def family_names() -> list[str]:
+    """The ``model_type`` of every supported family (one adapter module each)."""
+    return sorted(p.stem for p in FAMILY_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def adapter_class(model_type: str) -> type[ModelAdapter]:
+    """The adapter class serving ``model_type``; ModelError for an unsupported one."""
+    if model_type not in family_names():
+        raise ModelError(f"unsupported model type {model_type!r}; supported: {', '.join(family_names())}")
+    return importlib.import_module(f"tokbench.models.families.{model_type}").ADAPTER
 
 
 def resolve_model(name: str, aliases: dict[str, str]) -> str:
@@ -84,11 +100,14 @@ def load_model(
     device: str | None = None,
     random_weights: bool = False,
     max_pixels: int | None = None,
+    device_map: str | None = None,
 ) -> ModelAdapter:
     """Load ``name`` (alias, hub id or local path) with ``from_pretrained`` and wrap it in its adapter.
 
     ``random_weights``: instantiate the real architecture from the shipped config instead (see
-    `tokbench.models.random_weights`); ``max_pixels`` caps Qwen2.5-VL's dynamic resolution there.
+    `tokbench.models.random_weights`); ``max_pixels`` caps dynamic resolution (families that have it);
+    ``device_map``: ``"auto"`` spreads the layers over every visible GPU (then CPU) with accelerate's
+    big-model dispatch, or a JSON file mapping module names to devices; default: all on ``device``.
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -100,9 +119,9 @@ def load_model(
 
         model, processor = build_random(
             config_name(name, target), pick_dtype(dtype, device), pick_attention(attn_implementation, device),
-            device, max_pixels,
+            device, max_pixels, device_map,
         )
-        return _adapter(model, processor, name)
+        return adapter_class(model.config.model_type)(model, processor, name)
     if target.startswith("tiny:"):
         from tokbench.models.tiny import ensure_tiny
 
@@ -116,24 +135,34 @@ def load_model(
             f"cannot load model {target!r}: not a local checkpoint and not in the HF cache ({err.__class__.__name__}); "
             "download it first or pass a local path"
         ) from None
-    family = config.model_type
-    if family not in _FAMILIES:
-        raise ModelError(f"model {target!r} is a {family!r}; supported: {', '.join(_FAMILIES)}")
+    if config.model_type not in family_names():
+        raise ModelError(f"model {target!r} is a {config.model_type!r}; supported: {', '.join(family_names())}")
     model = AutoModelForImageTextToText.from_pretrained(
         target,
         dtype=pick_dtype(dtype, device),
         attn_implementation=pick_attention(attn_implementation, device),
-        device_map=device,
+        device_map=resolve_device_map(device_map, device),
     )
     model.eval()
-    processor = AutoProcessor.from_pretrained(target)
-    if max_pixels is not None and family == "qwen2_5_vl":
-        processor.image_processor.size["longest_edge"] = max_pixels
-    return _adapter(model, processor, name)
+    adapter = adapter_class(config.model_type)(model, AutoProcessor.from_pretrained(target), name)
+    adapter.configure_processor(max_pixels)
+    return adapter
 
 
-def _adapter(model, processor, name: str) -> ModelAdapter:
-    module_name, _, cls_name = _FAMILIES[model.config.model_type].partition(":")
-    adapter_cls = getattr(importlib.import_module(module_name), cls_name)
-    return adapter_cls(model, processor, name)
+def resolve_device_map(device_map: str | None, device: str):
+    """``--device-map``: None -> everything on ``device``; ``"auto"`` -> accelerate's dispatch over every
+    visible device; a path -> the JSON ``{module name: device}`` it holds (ModelError if unreadable)."""
+    if device_map is None:
+        return device
+    if device_map in ("auto", "balanced", "sequential"):
+        return device_map
+    import json
+
+    try:
+        mapping = json.loads(Path(device_map).read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"--device-map {device_map!r}: not auto/balanced/sequential and not a readable JSON file ({err})") from None
+    if not isinstance(mapping, dict):
+        raise ModelError(f"--device-map {device_map}: the JSON must map module names to devices")
+    return mapping
 

@@ -1,7 +1,7 @@
 """A model's `ModelInfo` from its configuration alone, so runs are checked before any weights load.
 
-The fields equal what the family adapter's ``info()`` gives for the loaded model (``tests/test_preflight.py``
-checks both tiny families and the shipped real-size configs). The configuration comes from:
+It is the family adapter's own ``info_from_config`` (``info()`` of the loaded model calls the same
+function), so the two cannot differ. The configuration comes from:
 
 - ``--random-weights``: the shipped real-size config (``models/configs/*.json``);
 - tiny aliases (``tiny:NAME``): the tiny checkpoint's ``config.json`` (built into the cache on first use);
@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokbench.models import ModelError, check_checkpoint_dir, resolve_model
+from tokbench.models import ModelError, adapter_class, check_checkpoint_dir, family_names, resolve_model
 from tokbench.pruner import ModelInfo
-
-FAMILIES = ("qwen2_5_vl", "llava")
 
 
 def model_config(name: str, aliases: dict[str, str], random_weights: bool = False):
@@ -58,46 +56,21 @@ def _auto_config(target: str):
 
 
 def _shipped_config(name: str, target: str):
-    from transformers import LlavaConfig, Qwen2_5_VLConfig
-
-    from tokbench.models.random_weights import CONFIG_DIR, config_name
+    from tokbench.models.random_weights import config_name, shipped_spec
 
     try:
         key = config_name(name, target)
     except ValueError as err:
         raise ModelError(str(err)) from None
-    spec = json.loads((CONFIG_DIR / f"{key}.json").read_text())
-    spec.pop("_source", None)
-    family = spec.pop("model_type")
-    return Qwen2_5_VLConfig(**spec) if family == "qwen2_5_vl" else LlavaConfig(**spec)
+    model_type, spec = shipped_spec(key)
+    return adapter_class(model_type).random_parts(spec, None)[0]
 
 
 def info_from_config(config, name: str) -> ModelInfo:
-    """The `ModelInfo` the family adapter would report for a model with ``config``, named ``name``."""
-    family = config.model_type
-    if family not in FAMILIES:
-        raise ModelError(f"model {name!r} is a {family!r}; supported: {', '.join(FAMILIES)}")
-    text, vision = config.get_text_config(), config.vision_config
-    if family == "qwen2_5_vl":
-        depth = vision.depth
-        full_attention = tuple(vision.fullatt_block_indexes)
-        feature_layer, per_token = -1, vision.spatial_merge_size**2
-    else:
-        depth = vision.num_hidden_layers
-        full_attention = tuple(range(depth))
-        feature_layer, per_token = config.vision_feature_layer, 1
-    return ModelInfo(
-        family=family,
-        name=name,
-        n_layers=text.num_hidden_layers,
-        hidden_size=text.hidden_size,
-        n_heads=text.num_attention_heads,
-        vision_depth=depth,
-        vision_feature_layer=feature_layer,
-        vision_full_attention=full_attention,
-        patches_per_token=per_token,
-        vision_hidden_size=vision.hidden_size,
-    )
+    """The `ModelInfo` the family adapter reports for a model with ``config``, named ``name``."""
+    if config.model_type not in family_names():
+        raise ModelError(f"model {name!r} is a {config.model_type!r}; supported: {', '.join(family_names())}")
+    return adapter_class(config.model_type).info_from_config(config, name)
 
 
 def config_info(name: str, aliases: dict[str, str], random_weights: bool = False) -> ModelInfo:

@@ -16,13 +16,11 @@ import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-# hub ids -> shipped config names
-_HUB_IDS = {
-    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b",
-    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b",
-    "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b",
-    "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b",
-}
+def _hub_ids() -> dict[str, str]:
+    """Hub id -> shipped config name, from every family's ``hub_configs``."""
+    from tokbench.models import adapter_class, family_names
+
+    return {hub: key for family in family_names() for hub, key in adapter_class(family).hub_configs.items()}
 
 
 def shipped_configs() -> list[str]:
@@ -31,34 +29,54 @@ def shipped_configs() -> list[str]:
 
 def config_name(name: str, target: str) -> str:
     """The shipped config for an alias or hub id; raises with the list when there is none."""
-    for candidate in (name, _HUB_IDS.get(target, ""), _HUB_IDS.get(name, "")):
+    hub_ids = _hub_ids()
+    for candidate in (name, hub_ids.get(target, ""), hub_ids.get(name, "")):
         if candidate and (CONFIG_DIR / f"{candidate}.json").exists():
             return candidate
     raise ValueError(f"no shipped config for {name!r} with --random-weights; available: {', '.join(shipped_configs())}")
 
 
-def build_random(config_key: str, dtype: torch.dtype, attn: str, device: str, max_pixels: int | None = None):
-    """(model, processor) of the real architecture ``config_key`` with random weights on ``device``."""
-    from transformers import AutoModelForImageTextToText, LlavaConfig, Qwen2_5_VLConfig
-
-    from tokbench.models import tiny
-
+def shipped_spec(config_key: str) -> tuple[str, dict]:
+    """(model_type, config kwargs) of shipped config ``config_key``."""
     spec = json.loads((CONFIG_DIR / f"{config_key}.json").read_text())
     spec.pop("_source", None)
-    family = spec.pop("model_type")
-    if family == "qwen2_5_vl":
-        processor, ids = tiny.qwen_processor(max_pixels=max_pixels or 12845056)
-        config = Qwen2_5_VLConfig(**spec, **tiny.qwen_token_ids(ids))
-        eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    return spec.pop("model_type"), spec
+
+
+def build_random(
+    config_key: str, dtype: torch.dtype, attn: str, device: str, max_pixels: int | None = None, device_map=None
+):
+    """(model, processor) of the real architecture ``config_key`` with random weights on ``device``
+    (with ``device_map``, the layers spread as accelerate's ``infer_auto_device_map`` places them)."""
+    from transformers import AutoModelForImageTextToText
+
+    from tokbench.models import adapter_class, resolve_device_map
+
+    model_type, spec = shipped_spec(config_key)
+    config, processor = adapter_class(model_type).random_parts(spec, max_pixels)
+    text = config.get_text_config()
+    text.eos_token_id, text.pad_token_id = processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id
+    placement = resolve_device_map(device_map, device)
+    if isinstance(placement, str) and placement == device:
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
     else:
-        vision = spec["vision_config"]
-        processor, ids = tiny.llava_processor(vision["image_size"], vision["patch_size"])
-        config = LlavaConfig(**spec, **tiny.llava_token_ids(ids))
-        eos, pad = ids["</s>"], ids["<pad>"]
-    config.get_text_config().eos_token_id = eos
-    config.get_text_config().pad_token_id = pad
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = pad
+        model = _dispatched(config, dtype, attn, placement)
+    model.generation_config.eos_token_id = text.eos_token_id
+    model.generation_config.pad_token_id = text.pad_token_id
     return model.eval(), processor
+
+
+def _dispatched(config, dtype: torch.dtype, attn: str, placement):
+    """The model built on the meta device, its weights materialised randomly where ``placement`` (a
+    device map, or auto/balanced/sequential) puts them, with accelerate's dispatch hooks."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from transformers import AutoModelForImageTextToText
+
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
+    if isinstance(placement, str):
+        placement = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules, dtype=dtype)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return dispatch_model(model, device_map=placement)

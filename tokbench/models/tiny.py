@@ -1,4 +1,5 @@
-"""Tiny offline models: real Qwen2.5-VL and LLaVA-1.5 architectures at toy size, built from configs.
+"""Tiny offline models: real VLM architectures at toy size, built from configs (each family's
+``build_tiny``), with the offline tokenizers and processors they share.
 
 Nothing is downloaded. Each builder writes a complete checkpoint (config, weights, a tokenizer built
 from a byte-level alphabet, the image processor and the processor with its chat template) with
@@ -10,7 +11,6 @@ the same architecture from its seeded random init.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import shutil
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-TINY_MODELS = ("tiny-qwen2.5-vl", "tiny-llava", "tiny-qwen2.5-vl-deep")
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "canary"
 
 _QWEN_SPECIALS = [
@@ -133,99 +132,7 @@ def llava_token_ids(ids: dict[str, int]) -> dict[str, int]:
     return dict(image_token_id=ids["<image>"], pad_token_id=ids["<pad>"])
 
 
-def build_tiny_qwen(path: Path, seed: int = 0, weights: Path | None = None, layers: int = 4) -> Path:
-    """Write a tiny Qwen2.5-VL checkpoint (``layers`` LLM layers, hidden 64; 4 ViT blocks) to ``path``.
-
-    224x224 .. 448x448 pixels give 64 .. 256 merged visual tokens: enough to prune, small for CPUs.
-    ``tiny-qwen2.5-vl-deep`` has 12 LLM layers, so in-LLM methods run at their papers' schedules.
-    """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    processor, ids = qwen_processor()
-    special = qwen_token_ids(ids)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(processor.tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            # head_dim 16 leaves 8 rotary frequencies, and M-RoPE gives the width section the 3 lowest: at
-            # theta 1e4 they turn < 0.05 rad across 16 columns, so left/right is invisible to attention;
-            # at 10 they turn 2-4 rad and the canary learns relative positions (docs/canary.md)
-            rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 3, 3]},
-            tie_word_embeddings=False,
-            bos_token_id=None,
-            eos_token_id=special["eos_token_id"],
-            pad_token_id=special["pad_token_id"],
-        ),
-        vision_config=dict(
-            depth=4,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[1, 3],
-        ),
-        tie_word_embeddings=False,
-        **special,
-    )
-    torch.manual_seed(seed)
-    model = _with_weights(Qwen2_5_VLForConditionalGeneration(config), weights)
-    _set_generation_ids(model, special["eos_token_id"], special["pad_token_id"])
-    _save_atomically(path, model, processor)
-    return path
-
-
-def build_tiny_llava(path: Path, seed: int = 0, weights: Path | None = None) -> Path:
-    """Write a tiny LLaVA-1.5 checkpoint (CLIP ViT 4 layers at 112 px -> 64 patches; Llama 4 layers)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    image_size, patch = 112, 14
-    processor, ids = llava_processor(image_size, patch)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=len(processor.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        bos_token_id=ids["<s>"],
-        eos_token_id=ids["</s>"],
-        pad_token_id=ids["<pad>"],
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=(image_size // patch) ** 2,
-        **llava_token_ids(ids),
-    )
-    torch.manual_seed(seed)
-    model = _with_weights(LlavaForConditionalGeneration(config), weights)
-    _set_generation_ids(model, ids["</s>"], ids["<pad>"])
-    _save_atomically(path, model, processor)
-    return path
-
-
-def _with_weights(model, weights: Path | None):
+def with_weights(model, weights: Path | None):
     """``model`` with the state dict in ``weights`` (a safetensors file) loaded strictly, if given."""
     if weights is not None:
         from safetensors.torch import load_model
@@ -234,17 +141,18 @@ def _with_weights(model, weights: Path | None):
     return model
 
 
-def _set_generation_ids(model, eos: int, pad: int) -> None:
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = pad
-
-
-_BUILDERS = {
-    "tiny-qwen2.5-vl": build_tiny_qwen,
-    "tiny-llava": build_tiny_llava,
-    "tiny-qwen2.5-vl-deep": functools.partial(build_tiny_qwen, layers=12),
-}
 BUILD_VERSION = 3  # part of the cache directory's name: bump whenever a builder's config or tokenizer changes
+
+
+def tiny_families() -> dict[str, tuple[type, dict]]:
+    """Every tiny model name -> (its family's adapter class, `build_tiny` keyword arguments)."""
+    from tokbench.models import adapter_class, family_names
+
+    out = {}
+    for family in family_names():
+        cls = adapter_class(family)
+        out.update({name: (cls, kwargs) for name, kwargs in cls.tiny_models.items()})
+    return out
 
 
 def canary_weights(name: str) -> Path | None:
@@ -261,22 +169,29 @@ def glimpse_weights_dir(name: str) -> Path:
 def ensure_tiny(name: str, seed: int = 0) -> Path:
     """Build tiny model ``name`` into the cache once and return its checkpoint directory.
 
-    ``name`` is one of ``TINY_MODELS`` (the trained canary when its weights ship, else random) or
+    ``name`` is one of `tiny_families` (the trained canary when its weights ship, else random) or
     ``<name>-random`` (always the seeded random init). The cache directory names the weights' digest
     and ``BUILD_VERSION``, so new shipped weights or configs never reuse an old build.
     """
     base = name.removesuffix("-random")
-    if base not in _BUILDERS:
-        raise KeyError(f"no tiny model {name!r}; known: {', '.join(TINY_MODELS)} (and <name>-random)")
+    builders = tiny_families()
+    if base not in builders:
+        raise KeyError(f"no tiny model {name!r}; known: {', '.join(sorted(builders))} (and <name>-random)")
     weights = None if name.endswith("-random") else canary_weights(base)
     tag = "canary-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights else f"seed{seed}"
     path = cache_root() / "models" / f"{base}-{tag}-v{BUILD_VERSION}"
     if not (path / "config.json").exists():
-        _BUILDERS[base](path, seed=seed, weights=weights)
+        cls, kwargs = builders[base]
+        cls.build_tiny(path, seed=seed, weights=weights, **kwargs)
     return path
 
 
-def _save_atomically(path: Path, model, processor) -> None:
+def save_checkpoint(path: Path, model, processor) -> Path:
+    """Write ``model`` and ``processor`` to ``path`` atomically (a temporary sibling, then a rename); greedy
+    generation stops at the text config's eos and pads with its pad id."""
+    text = model.config.get_text_config()
+    model.generation_config.eos_token_id = text.eos_token_id
+    model.generation_config.pad_token_id = text.pad_token_id
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
@@ -288,3 +203,4 @@ def _save_atomically(path: Path, model, processor) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tokbench.models.base import Tile
+
 
 @dataclass
 class GlimpseTrainConfig:
@@ -51,29 +53,28 @@ class Example:
     boxes: list[list[float]]  # pixel xyxy in ``image``
 
 
-def box_mask(boxes: list[list[float]], size: tuple[int, int], grid_hw: tuple[int, int], token_rc: torch.Tensor,
-             family: str) -> torch.Tensor:  # fmt: skip
-    """(n,) float target: 1 for tokens whose grid cell falls in a box's cell span (official rule).
+def box_mask(boxes: list[list[float]], tiles: list[Tile], token_tile: torch.Tensor, token_rc: torch.Tensor) -> torch.Tensor:
+    """(n,) float target: 1 for tokens whose grid cell falls in a box's cell span (official rule), per tile.
 
-    ``size`` (width, height) of the image; boxes are normalised to the region the grid covers (LLaVA:
-    the processor's centre square crop, boxes clipped to it).
+    ``tiles``: the image's token tiles (`ModelAdapter.token_tiles`); each box (pixel xyxy in the image) is
+    normalised to the pixels each tile covers (e.g. LLaVA's centre square crop) and clipped to them.
+    token_tile (n,), token_rc (n, 2): each token's tile and row/col in it.
     """
-    width, height = size
-    left = top = 0.0
-    if family == "llava":
-        side = min(width, height)
-        left, top, width, height = (width - side) / 2, (height - side) / 2, side, side
-    rows, cols = grid_hw
     inside = torch.zeros(token_rc.shape[0], dtype=torch.bool)
-    for x1, y1, x2, y2 in boxes:
-        nx1, nx2 = (max(0.0, (x - left) / width) for x in (x1, x2))
-        ny1, ny2 = (max(0.0, (y - top) / height) for y in (y1, y2))
-        if nx1 >= 1 or ny1 >= 1 or nx2 <= 0 or ny2 <= 0:
-            continue  # cropped away
-        c1, r1 = int(nx1 * cols), int(ny1 * rows)
-        c2, r2 = min(int(nx2 * cols), cols - 1), min(int(ny2 * rows), rows - 1)
-        r, c = token_rc[:, 0], token_rc[:, 1]
-        inside |= (r >= r1) & (r <= r2) & (c >= c1) & (c <= c2)
+    for index, tile in enumerate(tiles):
+        left, top, right, bottom = tile.box
+        width, height = right - left, bottom - top
+        rows, cols = tile.grid
+        here = token_tile == index
+        for x1, y1, x2, y2 in boxes:
+            nx1, nx2 = (max(0.0, (x - left) / width) for x in (x1, x2))
+            ny1, ny2 = (max(0.0, (y - top) / height) for y in (y1, y2))
+            if nx1 >= 1 or ny1 >= 1 or nx2 <= 0 or ny2 <= 0:
+                continue  # outside this tile
+            c1, r1 = int(nx1 * cols), int(ny1 * rows)
+            c2, r2 = min(int(nx2 * cols), cols - 1), min(int(ny2 * rows), rows - 1)
+            r, c = token_rc[:, 0], token_rc[:, 1]
+            inside |= here & (r >= r1) & (r <= r2) & (c >= c1) & (c <= c2)
     return inside.float()
 
 
@@ -145,7 +146,8 @@ class GlimpseTrainer:
         losses, kept, recall = [], [], []
         for example, one in zip(batch, inputs):
             logits = self.method.vip_logits(self.spec, one, vip=self.modules.attn_fuser)
-            target = box_mask(example.boxes, example.image.size, one.grid_hw, one.token_rc, self.info.family)
+            tiles = self.engine.adapter.token_tiles(example.image)
+            target = box_mask(example.boxes, tiles, one.token_tile, one.token_rc)
             target = target.to(logits.device)
             losses.append(mask_loss(logits, target, self.cfg.dice_weight, self.cfg.bce_weight))
             chosen = (logits.detach().sigmoid() > self.modules.cfg.reduce_threshold).float()

@@ -9,18 +9,21 @@ contiguously after a drop; that is this family's default position policy.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens, capture_blocks
+from tokbench.models import tiny
+from tokbench.models.base import ModelAdapter, PreparedBatch, Tile, VisualTokens, capture_blocks
 from tokbench.pruner import ModelInfo
 
 
 class LlavaAdapter(ModelAdapter):
-    family = "llava"
     position_rows = 1
     default_position_policy = "reindex"
+    tiny_models = {"tiny-llava": {}}
+    hub_configs = {"llava-hf/llava-1.5-7b-hf": "llava-1.5-7b", "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b"}
 
     @property
     def text_model(self) -> torch.nn.Module:
@@ -34,29 +37,82 @@ class LlavaAdapter(ModelAdapter):
     def _image_size(self) -> int:
         return self.model.config.vision_config.image_size
 
-    def info(self) -> ModelInfo:
-        text, cfg = self.text_config, self.model.config
-        depth = cfg.vision_config.num_hidden_layers
+    @classmethod
+    def info_from_config(cls, config, name: str) -> ModelInfo:
+        text, vision = config.get_text_config(), config.vision_config
+        depth = vision.num_hidden_layers
         return ModelInfo(
-            family=self.family,
-            name=self.name,
-            n_layers=self.n_layers,
+            name=name,
+            n_layers=text.num_hidden_layers,
             hidden_size=text.hidden_size,
             n_heads=text.num_attention_heads,
             vision_depth=depth,
-            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_layer=config.vision_feature_layer,
             vision_full_attention=tuple(range(depth)),
             patches_per_token=1,
-            vision_hidden_size=cfg.vision_config.hidden_size,
+            vision_hidden_size=vision.hidden_size,
+            has_cls=True,
+            position_rows=cls.position_rows,
         )
+
+    @classmethod
+    def build_tiny(cls, path: Path, seed: int = 0, weights: Path | None = None) -> Path:
+        """A tiny LLaVA-1.5 (CLIP ViT 4 layers at 112 px -> 64 patches; Llama 4 layers of width 64)."""
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        image_size, patch = 112, 14
+        processor, ids = tiny.llava_processor(image_size, patch)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=32,
+        )
+        text = LlamaConfig(
+            vocab_size=len(processor.tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            image_seq_length=(image_size // patch) ** 2,
+            **tiny.llava_token_ids(ids),
+        )
+        torch.manual_seed(seed)
+        model = tiny.with_weights(LlavaForConditionalGeneration(config), weights)
+        return tiny.save_checkpoint(path, model, processor)
+
+    @classmethod
+    def random_parts(cls, spec: dict, max_pixels: int | None):
+        from transformers import LlavaConfig
+
+        vision = spec["vision_config"]
+        processor, ids = tiny.llava_processor(vision["image_size"], vision["patch_size"])
+        return LlavaConfig(**spec, **tiny.llava_token_ids(ids)), processor
 
     def project_vision(self, states: torch.Tensor) -> torch.Tensor:
         """(k, 1, d_v) CLIP feature-layer states -> (k, d) through the MLP projector."""
         return self.model.model.multi_modal_projector(states[:, 0])
 
-    def token_grid(self, image: Image.Image) -> tuple[int, int]:
+    def token_tiles(self, image: Image.Image) -> list[Tile]:
+        """One tile: the centre square the processor crops (after its shortest-edge resize)."""
         side = image.info.get("tokbench_side", self._image_size) // self._patch
-        return side, side
+        short = min(image.size)
+        left, top = (image.width - short) / 2, (image.height - short) / 2
+        return [Tile((side, side), (left, top, left + short, top + short))]
 
     def resize_to_tokens(self, image: Image.Image, n_tokens: int) -> Image.Image:
         """A square crop at ``14 * floor(sqrt(n_tokens))`` px; the tower interpolates its position table.
@@ -114,10 +170,10 @@ class LlavaAdapter(ModelAdapter):
         tokens = []
         for i in range(embeds.shape[0]):
             hidden = {layer: captured[("out", layer % depth)][i, 1:, None] for layer in vision_layers}
-            extras: dict = {"cls": {layer: captured[("out", layer % depth)][i, 0] for layer in vision_layers}}
+            extras: dict = {"cls": {layer: captured[("out", layer % depth)][i, None, 0] for layer in vision_layers}}  # (T=1, d_v)
             if attention_layers:
                 extras["block_inputs"] = {layer: captured[("in", layer % depth)][i] for layer in attention_layers}
-            tokens.append(VisualTokens(embeds[i], (side, side), hidden, extras))
+            tokens.append(VisualTokens(embeds[i], batch.checked_tiles(i, [(side, side)]), hidden, extras))
         return tokens
 
     def _attention_stats(self, layer: int, block_input: torch.Tensor, tokens: VisualTokens) -> dict[str, torch.Tensor]:
@@ -151,3 +207,6 @@ class LlavaAdapter(ModelAdapter):
     def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
         positions = batch.attention_mask.long().cumsum(-1) - 1
         return positions.clamp(min=0)[None]
+
+
+ADAPTER = LlavaAdapter

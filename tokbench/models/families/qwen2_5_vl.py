@@ -9,18 +9,23 @@ engine keeps the surviving tokens' original ids (the official Qwen ports do the 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from tokbench.models.base import ModelAdapter, PreparedBatch, VisualTokens, capture_blocks
+from tokbench.models import tiny
+from tokbench.models.base import ModelAdapter, PreparedBatch, Tile, VisualTokens, capture_blocks
 from tokbench.pruner import ModelInfo
+
+MAX_PIXELS = 12845056  # the released processors' longest_edge (pixels)
 
 
 class Qwen25VLAdapter(ModelAdapter):
-    family = "qwen2_5_vl"
     position_rows = 3
     default_position_policy = "keep"
+    tiny_models = {"tiny-qwen2.5-vl": {}, "tiny-qwen2.5-vl-deep": {"layers": 12}}
+    hub_configs = {"Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b"}
 
     @property
     def text_model(self) -> torch.nn.Module:
@@ -35,31 +40,94 @@ class Qwen25VLAdapter(ModelAdapter):
         factor = ip.patch_size * ip.merge_size
         return factor, ip.size["shortest_edge"], ip.size["longest_edge"]
 
-    def info(self) -> ModelInfo:
-        text = self.text_config
+    @classmethod
+    def info_from_config(cls, config, name: str) -> ModelInfo:
+        text, vision = config.get_text_config(), config.vision_config
         return ModelInfo(
-            family=self.family,
-            name=self.name,
-            n_layers=self.n_layers,
+            name=name,
+            n_layers=text.num_hidden_layers,
             hidden_size=text.hidden_size,
             n_heads=text.num_attention_heads,
-            vision_depth=len(self.vision_tower.blocks),
+            vision_depth=vision.depth,
             vision_feature_layer=-1,
-            vision_full_attention=tuple(self.vision_tower.fullatt_block_indexes),
-            patches_per_token=self.vision_tower.spatial_merge_size**2,
-            vision_hidden_size=self.model.config.vision_config.hidden_size,
+            vision_full_attention=tuple(vision.fullatt_block_indexes),
+            patches_per_token=vision.spatial_merge_size**2,
+            vision_hidden_size=vision.hidden_size,
+            position_rows=cls.position_rows,
         )
+
+    @classmethod
+    def build_tiny(cls, path: Path, seed: int = 0, weights: Path | None = None, layers: int = 4) -> Path:
+        """A tiny Qwen2.5-VL (``layers`` LLM layers, hidden 64; 4 ViT blocks of width 32): 224x224 .. 448x448
+        pixels give 64 .. 256 merged visual tokens, enough to prune and small for CPUs.
+        ``tiny-qwen2.5-vl-deep`` has 12 LLM layers, so in-LLM methods run at their papers' schedules."""
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        processor, ids = tiny.qwen_processor()
+        special = tiny.qwen_token_ids(ids)
+        config = Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=len(processor.tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+                # head_dim 16 leaves 8 rotary frequencies, and M-RoPE gives the width section the 3 lowest: at
+                # theta 1e4 they turn < 0.05 rad across 16 columns, so left/right is invisible to attention;
+                # at 10 they turn 2-4 rad and the canary learns relative positions (docs/canary.md)
+                rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 3, 3]},
+                tie_word_embeddings=False,
+                bos_token_id=None,
+                eos_token_id=special["eos_token_id"],
+                pad_token_id=special["pad_token_id"],
+            ),
+            vision_config=dict(
+                depth=4,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=56,
+                fullatt_block_indexes=[1, 3],
+            ),
+            tie_word_embeddings=False,
+            **special,
+        )
+        torch.manual_seed(seed)
+        model = tiny.with_weights(Qwen2_5_VLForConditionalGeneration(config), weights)
+        return tiny.save_checkpoint(path, model, processor)
+
+    @classmethod
+    def random_parts(cls, spec: dict, max_pixels: int | None):
+        from transformers import Qwen2_5_VLConfig
+
+        processor, ids = tiny.qwen_processor(max_pixels=max_pixels or MAX_PIXELS)
+        return Qwen2_5_VLConfig(**spec, **tiny.qwen_token_ids(ids)), processor
+
+    def configure_processor(self, max_pixels: int | None) -> None:
+        if max_pixels is not None:
+            self.processor.image_processor.size["longest_edge"] = max_pixels
 
     def project_vision(self, states: torch.Tensor) -> torch.Tensor:
         """(k, 4, d_v) last-block patch states -> (k, d) through the 2x2 patch merger."""
         return self.vision_tower.merger(states.reshape(-1, states.shape[-1]))
 
     def token_grid(self, image: Image.Image) -> tuple[int, int]:
+        """(rows, cols) of the one grid the processor's ``smart_resize`` gives ``image``."""
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         factor, min_pixels, max_pixels = self._pixel_bounds()
         h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
         return h // factor, w // factor
+
+    def token_tiles(self, image: Image.Image) -> list[Tile]:
+        """One tile: the whole image, resized to the grid (aspect changes by at most one token)."""
+        return [Tile(self.token_grid(image), (0.0, 0.0, float(image.width), float(image.height)))]
 
     def resize_to_tokens(self, image: Image.Image, n_tokens: int) -> Image.Image:
         """Shrink by a common factor until ``token_grid`` gives at most ``n_tokens`` (aspect kept)."""
@@ -118,7 +186,7 @@ class Qwen25VLAdapter(ModelAdapter):
             if attention_layers:
                 extras["block_inputs"] = {layer: raster[("in", layer % depth)][i] for layer in attention_layers}
                 extras["grid_thw"] = grid_thw[i : i + 1]
-            tokens.append(VisualTokens(emb, grid, hidden, extras))
+            tokens.append(VisualTokens(emb, batch.checked_tiles(i, [grid]), hidden, extras))
         return tokens
 
     def _attention_stats(self, layer: int, block_input: torch.Tensor, tokens: VisualTokens) -> dict:
@@ -176,3 +244,6 @@ class Qwen25VLAdapter(ModelAdapter):
             attention_mask=batch.attention_mask,
         )
         return position_ids
+
+
+ADAPTER = Qwen25VLAdapter
