@@ -203,7 +203,7 @@ class Engine:
         adapter = self.adapter
         embeds = adapter.text_model.embed_tokens(batch.input_ids)
         image_mask = batch.input_ids == adapter.image_token_id
-        features = torch.cat([v.embeds for v in visual]).to(embeds.dtype)
+        features = torch.cat([v.embeds.to(embeds.device) for v in visual]).to(embeds.dtype)
         if int(image_mask.sum()) != features.shape[0]:
             raise RuntimeError(f"{int(image_mask.sum())} image tokens in the prompt, {features.shape[0]} features")
         embeds = embeds.masked_scatter(image_mask[..., None], features)

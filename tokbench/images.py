@@ -80,15 +80,10 @@ def decode_image(source: Any, max_pixels: int | None = None) -> Image.Image:
 
 
 def max_pixels_of(adapter) -> int | None:
-    """The ``max_pixels`` hint for a loaded model adapter: Qwen2.5-VL's processor cap (``size["longest_edge"]``)
-    when its grid is ``GRID_FACTOR`` pixels; None (no downscaling) for other families (LLaVA resizes every
-    image to a fixed square whatever its size)."""
-    if getattr(adapter, "family", None) != "qwen2_5_vl":
-        return None
-    processor = adapter.processor.image_processor
-    if processor.patch_size * processor.merge_size != GRID_FACTOR:
-        return None
-    return processor.size.get("longest_edge")
+    """The ``max_pixels`` hint for a loaded model adapter (`ModelAdapter.decode_pixel_cap`): the processor's
+    pixel cap where the family resizes with ``smart_resize`` on a ``GRID_FACTOR`` grid; None (no
+    downscaling) for the others (LLaVA resizes every image to a fixed square whatever its size)."""
+    return adapter.decode_pixel_cap(GRID_FACTOR)
 
 
 def reduction_factor(width: int, height: int, max_pixels: int) -> int:

@@ -37,6 +37,7 @@ class RunConfig:
     data_dir: str | None = None
     random_weights: bool = False
     max_pixels: int | None = None
+    device_map: str | None = None  # --device-map: placement only, so not part of the run's identity
     save_masks: bool = False
     judge: JudgeConfig | None = None  # judged tasks (Visual-CoT): scores predictions after generation
     output: str = "results"
@@ -53,7 +54,7 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that change predictions (not output dir, batch size, warm-up, masks or judge)."""
-        skip = {"output", "batch_size", "warmup", "save_masks", "judge"}
+        skip = {"output", "batch_size", "warmup", "save_masks", "judge", "device_map"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -76,7 +77,7 @@ def validate(config: RunConfig, aliases: dict[str, str] | None = None):
     it resolves, its config is readable, and the method's stages fit it (layers in range, method
     arguments valid, the budget reachable; a method's own weights load). Nothing is written on failure.
     """
-    from tokbench.models import check_load_options
+    from tokbench.models import check_load_options, resolve_device_map
     from tokbench.tasks import load_task
 
     if config.batch_size < 1:
@@ -86,6 +87,7 @@ def validate(config: RunConfig, aliases: dict[str, str] | None = None):
     if config.position_policy not in (None, "keep", "reindex"):
         raise RunValidationError(f"position policy {config.position_policy!r}: use keep or reindex")
     check_load_options(config.dtype, config.attn_implementation)
+    resolve_device_map(config.device_map, "cpu")  # auto/balanced/sequential or a readable JSON map
     method = build_method(config.method, config.make_budget(), config.method_args)
     if aliases is not None:
         from tokbench.models.config_info import config_info
@@ -168,6 +170,7 @@ def _run_locked(config: RunConfig, aliases, on_batch, method, task, store, state
             device=str(state.device) if state and state.device.type != "cpu" else None,
             random_weights=config.random_weights,
             max_pixels=config.max_pixels,
+            device_map=config.device_map,
         )
     if rank == 0:
         store.update_manifest(model=adapter.describe())

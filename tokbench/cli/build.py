@@ -41,6 +41,7 @@ class RunOptions:
     data_dir: str | None = None
     random_weights: bool = False
     max_pixels: int | None = None
+    device_map: str | None = None
     save_masks: bool = False
     output: Path | None = None
     efficiency: bool = False
@@ -94,6 +95,7 @@ def build_run_config(options: RunOptions, config: Config):
         data_dir=o.data_dir,
         random_weights=o.random_weights,
         max_pixels=max_pixels,
+        device_map=o.device_map,
         save_masks=o.save_masks,
         judge=JudgeConfig.from_table(config.judge, judge=o.judge, model=o.judge_model, key_env=o.judge_key_env,
                                      concurrency=o.judge_concurrency, timeout=o.judge_timeout),  # fmt: skip

@@ -211,6 +211,11 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto | bfloat1
 AttnOpt = Annotated[Optional[str], typer.Option("--attn", help="auto | sdpa | flash_attention_2 | eager.")]
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Override the task's generation length (>= 1).")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option("--max-pixels", help="Cap Qwen2.5-VL's image pixels (>= 1).")]
+DeviceMapOpt = Annotated[
+    Optional[str],
+    typer.Option("--device-map", help="auto: spread a model larger than one GPU over all visible GPUs (accelerate); "
+                 "or a JSON file {module: device}. Default: one device."),
+]
 PositionPolicyOpt = Annotated[Optional[str], typer.Option("--position-policy", help="keep | reindex (default: the family's).")]
 RandomWeightsOpt = Annotated[bool, typer.Option("--random-weights", help="Real architecture, random weights (efficiency only).")]
 SaveMasksOpt = Annotated[bool, typer.Option("--save-masks", help="Store kept token indices per stage in each row.")]

@@ -32,6 +32,7 @@ def run(
     data_dir: c.DataDirOpt = None,
     random_weights: c.RandomWeightsOpt = False,
     max_pixels: c.MaxPixelsOpt = None,
+    device_map: c.DeviceMapOpt = None,
     save_masks: c.SaveMasksOpt = False,
     efficiency: Annotated[
         bool,
@@ -60,8 +61,8 @@ def run(
         model=model, task=task, method=method, ratio=ratio, budget=budget, method_args=_flat_args(method_arg),
         limit=limit, batch_size=batch_size, warmup=warmup, seed=seed, dtype=dtype, attn=attn,
         max_new_tokens=max_new_tokens, position_policy=position_policy, data_dir=data_dir,
-        random_weights=random_weights, max_pixels=max_pixels, save_masks=save_masks, output=output,
-        efficiency=efficiency, judge=judge, judge_model=judge_model, judge_key_env=judge_key_env,
+        random_weights=random_weights, max_pixels=max_pixels, device_map=device_map, save_masks=save_masks,
+        output=output, efficiency=efficiency, judge=judge, judge_model=judge_model, judge_key_env=judge_key_env,
         judge_concurrency=judge_concurrency, judge_timeout=judge_timeout,
     )  # fmt: skip
     try:
@@ -143,6 +144,7 @@ def sweep(
     max_new_tokens: c.MaxNewTokensOpt = None,
     position_policy: c.PositionPolicyOpt = None,
     max_pixels: c.MaxPixelsOpt = None,
+    device_map: c.DeviceMapOpt = None,
     data_dir: c.DataDirOpt = None,
     random_weights: c.RandomWeightsOpt = False,
     save_masks: c.SaveMasksOpt = False,
@@ -167,7 +169,7 @@ def sweep(
     options = RunOptions(
         model=model, task=task, limit=limit, batch_size=batch_size, warmup=warmup, seed=seed, dtype=dtype,
         attn=attn, max_new_tokens=max_new_tokens, position_policy=position_policy, max_pixels=max_pixels,
-        data_dir=data_dir, random_weights=random_weights, save_masks=save_masks, output=output, judge=judge,
+        device_map=device_map, data_dir=data_dir, random_weights=random_weights, save_masks=save_masks, output=output, judge=judge,
         judge_model=judge_model, judge_key_env=judge_key_env, judge_concurrency=judge_concurrency,
         judge_timeout=judge_timeout,
     )  # fmt: skip

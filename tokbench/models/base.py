@@ -138,6 +138,11 @@ class ModelAdapter(ABC):
     def configure_processor(self, max_pixels: int | None) -> None:
         """Apply ``--max-pixels`` to the processor (families with dynamic resolution)."""
 
+    def decode_pixel_cap(self, grid_factor: int) -> int | None:
+        """The most pixels the processor keeps of an image when it resizes with ``smart_resize`` on a
+        ``grid_factor``-pixel grid (images may then be decoded no larger, `tokbench.images`); None otherwise."""
+        return None
+
     # --- the language model -------------------------------------------------------------------
     @property
     @abstractmethod

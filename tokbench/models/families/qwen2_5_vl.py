@@ -113,6 +113,10 @@ class Qwen25VLAdapter(ModelAdapter):
         if max_pixels is not None:
             self.processor.image_processor.size["longest_edge"] = max_pixels
 
+    def decode_pixel_cap(self, grid_factor: int) -> int | None:
+        factor, _, max_pixels = self._pixel_bounds()
+        return max_pixels if factor == grid_factor else None
+
     def project_vision(self, states: torch.Tensor) -> torch.Tensor:
         """(k, 4, d_v) last-block patch states -> (k, d) through the 2x2 patch merger."""
         return self.vision_tower.merger(states.reshape(-1, states.shape[-1]))
