@@ -26,6 +26,17 @@ def tokbench_cache(tmp_path_factory):
 _ADAPTERS: dict[str, object] = {}
 
 
+def tiny_family_models() -> list[str]:
+    """One tiny model per supported family (each adapter's first ``tiny_models`` entry), from the registry:
+    a new family file is covered by every test parametrized with this list."""
+    from tokbench.models import adapter_class, family_names
+
+    return [next(iter(adapter_class(family).tiny_models)) for family in family_names()]
+
+
+TINY_FAMILY_MODELS = tiny_family_models()
+
+
 def tiny_adapter(name: str, attn: str = "sdpa"):
     """A loaded tiny model (cached per session; each test must leave it unchanged)."""
     key = f"{name}:{attn}"
@@ -37,7 +48,7 @@ def tiny_adapter(name: str, attn: str = "sdpa"):
     return _ADAPTERS[key]
 
 
-@pytest.fixture(params=["tiny-qwen2.5-vl", "tiny-llava"])
+@pytest.fixture(params=TINY_FAMILY_MODELS)
 def adapter(request):
     return tiny_adapter(request.param)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_FAMILY_MODELS
 from typer.testing import CliRunner
 
 from tokbench.cli import app
@@ -17,7 +18,7 @@ def _run(*args: str):
     return runner.invoke(app, list(args))
 
 
-@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-llava"])
+@pytest.mark.parametrize("model", TINY_FAMILY_MODELS)
 def test_run_writes_samples_and_manifest(tmp_path, model):
     result = _run(
         "run", "--method", "random", "--budget", "16", "--task", "vstar-synth", "--model", model,

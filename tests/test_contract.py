@@ -1,13 +1,16 @@
-"""Contract tests generated from the registry: every method x both tiny families.
+"""Contract tests generated from the registries: every method x every model family's tiny model.
 
 Each method must run through the engine, respect its budget, be deterministic, and report counts that
-match what the decoder layers actually processed.
+match what the decoder layers actually processed; and run from the CLI on vstar-synth.
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import layer_lengths, noise_image, tiny_adapter
+from conftest import TINY_FAMILY_MODELS, layer_lengths, noise_image, tiny_adapter
+from typer.testing import CliRunner
+
+from tokbench.cli import app
 
 from tokbench.engine import Engine
 from tokbench.pruner import Budget, build_method, method_names
@@ -19,7 +22,7 @@ OFFLINE_ARGS = {
     "fastv": {"k": "1"},  # k=2 of 4 layers cannot average below 0.5
     "dart": {"k": "1"},  # likewise
 }
-FAMILIES = ["tiny-qwen2.5-vl", "tiny-llava"]
+FAMILIES = TINY_FAMILY_MODELS
 RATIO = 0.4  # reachable by every schedule on 4-layer models (PyramidDrop needs > its first stage)
 
 
@@ -66,3 +69,15 @@ def test_keep_everything_matches_full(name, family):
         pytest.skip(f"{name}: {err}")
     if out.samples[0].n_kept_input == full.samples[0].n_visual and min(out.samples[0].kept_per_layer) == full.samples[0].n_visual:
         assert out.samples[0].tokens == full.samples[0].tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_runs_from_the_cli_on_every_family(name, family, tmp_path):
+    args = [arg for key, value in OFFLINE_ARGS.get(name, {}).items() for arg in ("--method-arg", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["run", "--method", name, "--model", family, "--task", "vstar-synth", "--limit", "2",
+                                      "--batch-size", "2", "--ratio", str(RATIO), *args, "--output", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = [line for line in (run_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 2 and '"error": null' in rows[0]

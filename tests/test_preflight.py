@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_adapter
+from conftest import TINY_FAMILY_MODELS, tiny_adapter
 from typer.testing import CliRunner
 
 import tokbench.models
@@ -144,7 +144,7 @@ def test_the_hint_names_a_setting_that_passes(tmp_path, no_model_load, model, me
     assert method.budget.value <= max(ratio, fixed.ratio)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-llava"])
+@pytest.mark.parametrize("name", TINY_FAMILY_MODELS)
 def test_config_only_model_info_equals_the_loaded_adapters(name):
     assert config_info(name, ALIASES) == tiny_adapter(name).info()
 
