@@ -15,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tokbench.cli import app
-from tokbench.show import grid_view
+from tokbench.models.base import Tile
+from tokbench.show import tiles_view
 
 LIMIT = 3
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -57,15 +58,16 @@ def test_saved_masks_record_the_grid_and_exactly_the_kept_tokens(runs, name):
     from tokbench.show import saved_overlay
 
     for row in _rows(runs[name]):
-        (grid,) = row["token_grids"]
+        ((tile,),) = row["token_tiles"]  # one image, one tile: [rows, cols, x0, y0, x1, y1]
+        grid = tile[:2]
         assert grid[0] * grid[1] == row["n_visual"]
         kept = list(row["kept_index"].values())[-1] if row["kept_index"] else range(row["n_visual"])
         assert len(kept) == (row["n_visual"] if name == "full" else 10)
         image = Image.fromarray(np.full((row["image_sizes"][0][1], row["image_sizes"][0][0], 3), 200, np.uint8))
-        view, n_kept, n = saved_overlay(image, row, "llava" if name == "llava" else "qwen2_5_vl")
+        view, n_kept, n = saved_overlay(image, row)
         assert (n_kept, n) == (len(kept), row["n_visual"])
-        family = "llava" if name == "llava" else "qwen2_5_vl"
-        assert _dimmed(view, grid_view(image, grid, family), grid) == n - n_kept
+        reference = tiles_view(image, [Tile.from_row(tile)], np.ones(n, dtype=bool))
+        assert _dimmed(view, reference, grid) == n - n_kept
 
 
 def test_show_draws_a_saved_document_from_several_runs(runs, tmp_path):
