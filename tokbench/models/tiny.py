@@ -31,7 +31,7 @@ _QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 
-_QWEN_CHAT_TEMPLATE = (
+QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
@@ -64,20 +64,27 @@ def _byte_vocab(specials: list[str]) -> dict[str, int]:
     return vocab
 
 
-def qwen_processor(min_pixels: int = 56 * 56, max_pixels: int = 448 * 448):
-    """A Qwen2.5-VL processor over an offline byte-level tokenizer; returns (processor, special ids)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+def qwen_tokenizer():
+    """The offline byte-level tokenizer with the Qwen-VL special tokens; returns (tokenizer, special ids)."""
+    from transformers import Qwen2Tokenizer
 
     tokenizer = Qwen2Tokenizer(vocab=_byte_vocab(_QWEN_SPECIALS), merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": _QWEN_SPECIALS[1:]})
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _QWEN_SPECIALS}
+    return tokenizer, {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _QWEN_SPECIALS}
+
+
+def qwen_processor(min_pixels: int = 56 * 56, max_pixels: int = 448 * 448):
+    """A Qwen2.5-VL processor over an offline byte-level tokenizer; returns (processor, special ids)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tokenizer, ids = qwen_tokenizer()
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
-        chat_template=_QWEN_CHAT_TEMPLATE,
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
     return processor, ids
 
