@@ -10,20 +10,13 @@ shipped real-size configs are checked against the released parameter counts.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
-import sys
-from dataclasses import dataclass, field
-from typing import Any
-from unittest import mock
 
 import pytest
 import torch
 from conftest import noise_image
-from PIL import Image
 
-from tokbench.models import base, tiny
 from tokbench.models.random_weights import CONFIG_DIR
 
 FAMILY = "tokbench.models.families.qwen3_vl"
@@ -31,100 +24,10 @@ FAMILY = "tokbench.models.families.qwen3_vl"
 PUBLISHED = {"qwen3-vl-2b": 2_127_532_032, "qwen3-vl-4b": 4_437_815_808, "qwen3-vl-8b": 8_767_123_696}
 
 
-# --- stand-ins for the interface core (INTERFACE.md, issue #17) until it lands on this branch ----------------------
-@dataclass(frozen=True)
-class _Tile:
-    grid: tuple[int, int]
-    box: tuple[float, float, float, float]
-
-
-@dataclass
-class _VisualTokens:
-    embeds: torch.Tensor
-    tiles: list[_Tile]
-    vision_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _PreparedBatch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    model_inputs: dict[str, torch.Tensor]
-    tiles: list[list[_Tile]] = field(default_factory=list)
-
-    def checked_tiles(self, image: int, grids: list[tuple[int, int]]) -> list[_Tile]:
-        tiles = self.tiles[image]
-        assert [t.grid for t in tiles] == [tuple(g) for g in grids]
-        return tiles
-
-
-@dataclass(frozen=True)
-class _ModelInfo:
-    name: str
-    n_layers: int
-    hidden_size: int
-    n_heads: int
-    vision_depth: int
-    vision_feature_layer: int
-    vision_full_attention: tuple[int, ...]
-    patches_per_token: int
-    vision_hidden_size: int | None = None
-    has_cls: bool = False
-    tiles_per_image: int = 1
-    position_rows: int = 1
-
-    @property
-    def vision_windowed(self) -> bool:
-        return set(self.vision_full_attention) != set(range(self.vision_depth))
-
-
-class _InterfaceAdapter(base.ModelAdapter):
-    """Today's ModelAdapter plus what INTERFACE.md adds that the Qwen3-VL adapter relies on."""
-
-    tiny_models: dict = {}
-    hub_configs: dict = {}
-
-    def info(self):
-        return self.info_from_config(self.model.config, self.name)
-
-    def token_grid(self, image: Image.Image) -> tuple[int, int]:
-        return self.token_tiles(image)[0].grid
-
-    def preprocess(self, images, questions):
-        batch = super().preprocess(images, questions)
-        tiles = [self.token_tiles(image) for sample in images for image in sample]
-        return _PreparedBatch(batch.input_ids, batch.attention_mask, batch.model_inputs, tiles)
-
-
-def _save_checkpoint(path, model, processor):
-    text = model.config.get_text_config()
-    model.generation_config.eos_token_id = text.eos_token_id
-    model.generation_config.pad_token_id = text.pad_token_id
-    tiny._save_atomically(path, model, processor)
-    return path
-
-
-def _family_module():
-    """The adapter module; imported against the stand-ins when this branch predates the interface core."""
-    if FAMILY in sys.modules or hasattr(base, "Tile"):
-        return importlib.import_module(FAMILY)
-    stand_ins = {"Tile": _Tile, "VisualTokens": _VisualTokens, "PreparedBatch": _PreparedBatch,
-                 "ModelAdapter": _InterfaceAdapter}  # fmt: skip
-    with mock.patch.multiple(base, create=True, **stand_ins), mock.patch("tokbench.pruner.ModelInfo", _ModelInfo):
-        return importlib.import_module(FAMILY)
-
-
-def _interface_tiny_helpers():
-    if hasattr(tiny, "save_checkpoint"):
-        return contextlib.nullcontext()
-    return mock.patch.multiple(tiny, create=True, save_checkpoint=_save_checkpoint, with_weights=tiny._with_weights)
-
-
 # --- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def family():
-    return _family_module()
+    return importlib.import_module(FAMILY)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +36,7 @@ def adapter(family, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-qwen3-vl") / "ckpt"
     (name, kwargs), = family.ADAPTER.tiny_models.items()
-    with _interface_tiny_helpers():
-        family.ADAPTER.build_tiny(path, seed=0, **kwargs)
+    family.ADAPTER.build_tiny(path, seed=0, **kwargs)
     model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     return family.ADAPTER(model.eval(), AutoProcessor.from_pretrained(path), name)
 
