@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import layer_lengths, noise_image, text_length, tiny_adapter
+from conftest import TINY_FAMILY_MODELS, layer_lengths, noise_image, text_length, tiny_adapter
 
 from tokbench.engine import Engine, SelectionError
 from tokbench.pruner import (
@@ -61,8 +61,9 @@ def test_full_equals_generate(adapter, n):
     assert all(s.n_kept_input == s.n_visual for s in out.samples)
 
 
-def test_full_equals_generate_eager_attention():
-    adapter = tiny_adapter("tiny-qwen2.5-vl", attn="eager")
+@pytest.mark.parametrize("family", TINY_FAMILY_MODELS)
+def test_full_equals_generate_eager_attention(family):
+    adapter = tiny_adapter(family, attn="eager")
     images, questions = _batch(SIZES), QUESTIONS
     out = Engine(adapter, build_method("full", Budget.full())).generate(images, questions, [0, 1, 2], 6)
     expected, _ = _hf_greedy(adapter, images, questions, 6)
