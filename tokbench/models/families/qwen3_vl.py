@@ -15,14 +15,13 @@ positions that are still present.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from tokbench.models import tiny
-from tokbench.models.base import ModelAdapter, PreparedBatch, Tile, VisualTokens, capture_blocks
+from tokbench.models.base import PreparedBatch, VisualTokens, capture_blocks
+from tokbench.models.families.qwen2_5_vl import Qwen25VLAdapter
 from tokbench.pruner import ModelInfo
 
 MIN_PIXELS = 65536  # the released processors' shortest_edge (pixels): 256x256, 64 tokens
@@ -64,9 +63,10 @@ def token_ids(ids: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     return top, dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
 
 
-class Qwen3VLAdapter(ModelAdapter):
-    position_rows = 3
-    default_position_policy = "keep"
+class Qwen3VLAdapter(Qwen25VLAdapter):
+    """As Qwen2.5-VL for the token grid, resizing, positions, vision attention statistics and the merger;
+    its own config facts, tower layout (no windows), QK-norm projections, DeepStack and FLOPs."""
+
     tiny_models = {"tiny-qwen3-vl": {}}
     hub_configs = {
         "Qwen/Qwen3-VL-2B-Instruct": "qwen3-vl-2b",
@@ -144,20 +144,7 @@ class Qwen3VLAdapter(ModelAdapter):
         spec = {**spec, "text_config": {**spec["text_config"], **text_ids}}
         return Qwen3VLConfig(**spec, **top), processor
 
-    def configure_processor(self, max_pixels: int | None) -> None:
-        """Cap the pixels an image is resized to (``longest_edge``; the released floor, 256x256, stays)."""
-        if max_pixels is not None:
-            self.processor.image_processor.size["longest_edge"] = max_pixels
-
     # --- the language model ----------------------------------------------------------------------
-    @property
-    def text_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.visual
-
     def project_queries(self, layer: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
         """normed (b, L, d) -> (b, h, L, hd): ``q_proj``, then the per-head RMSNorm ``q_norm`` (before RoPE)."""
         attn = layer.self_attn
@@ -192,35 +179,6 @@ class Qwen3VLAdapter(ModelAdapter):
         return hidden
 
     # --- inputs / vision -------------------------------------------------------------------------
-    def _pixel_bounds(self) -> tuple[int, int, int]:
-        ip = self.processor.image_processor
-        return ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"]
-
-    def _token_grid(self, image: Image.Image) -> tuple[int, int]:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-        factor, min_pixels, max_pixels = self._pixel_bounds()
-        h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
-        return h // factor, w // factor
-
-    def token_tiles(self, image: Image.Image) -> list[Tile]:
-        """One tile: the whole image, resized by ``smart_resize`` to the grid (aspect kept within one token)."""
-        return [Tile(self._token_grid(image), (0.0, 0.0, float(image.width), float(image.height)))]
-
-    def resize_to_tokens(self, image: Image.Image, n_tokens: int) -> Image.Image:
-        """Shrink by a common factor until the grid has at most ``n_tokens`` (aspect kept)."""
-        factor, _, _ = self._pixel_bounds()
-        rows, cols = self._token_grid(image)
-        scale = math.sqrt(n_tokens / (rows * cols))
-        while True:
-            h = max(factor, int(rows * factor * scale))
-            w = max(factor, int(cols * factor * scale))
-            resized = image.resize((w, h), Image.BICUBIC)
-            r, c = self._token_grid(resized)
-            if r * c <= n_tokens or (h == factor and w == factor):
-                return resized
-            scale *= 0.97
-
     def encode_images(
         self, batch: PreparedBatch, vision_layers: tuple[int, ...] = (), attention_layers: tuple[int, ...] = ()
     ) -> list[VisualTokens]:
@@ -254,25 +212,6 @@ class Qwen3VLAdapter(ModelAdapter):
             tokens.append(VisualTokens(embeds, batch.checked_tiles(i, [grid]), hidden, extras))
         return tokens
 
-    def _attention_stats(self, layer: int, block_input: torch.Tensor, tokens: VisualTokens) -> dict:
-        """Block ``layer``'s attention over one image, from its input (n, u, d_v) in raster order."""
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
-        from transformers.vision_utils import get_vision_position_ids
-
-        from tokbench.attention import attention_received
-
-        tower = self.vision_tower
-        block = tower.blocks[layer % len(tower.blocks)]
-        n, unit, dim = block_input.shape
-        patches = block_input.reshape(n * unit, dim)
-        heads = block.attn.num_heads
-        qkv = block.attn.qkv(block.norm1(patches)).reshape(n * unit, 3, heads, -1).permute(1, 0, 2, 3)
-        positions = get_vision_position_ids(tokens.extras["grid_thw"], tower.spatial_merge_size)
-        cos, sin = tower.rotary_pos_emb(patches, positions)
-        query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)  # (N, h, hd)
-        received = attention_received(query.transpose(0, 1), key.transpose(0, 1), block.attn.scaling)
-        return {"received": received.view(n, unit).mean(dim=1), "keys": key.reshape(n, unit, heads, -1)}
-
     def vision_flops(self, grid_hw: tuple[int, int]) -> float:
         """One tile of ``rows x cols`` tokens: patch embedding, ``depth`` full-attention blocks (plain 2-matmul
         MLP), the 2x2 merger and one more merger per DeepStack level (each fc1 4d_v -> 4d_v, fc2 4d_v -> d)."""
@@ -287,19 +226,4 @@ class Qwen3VLAdapter(ModelAdapter):
         merged = unit * cfg.hidden_size
         merger = 2 * rows * cols * merged * (merged + cfg.out_hidden_size)
         return float(embed + cfg.depth * block + (1 + len(cfg.deepstack_visual_indexes)) * merger)
-
-    def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
-        position_ids, _ = self.model.model.get_rope_index(
-            batch.input_ids,
-            mm_token_type_ids=batch.model_inputs["mm_token_type_ids"],
-            image_grid_thw=batch.model_inputs.get("image_grid_thw"),
-            attention_mask=batch.attention_mask,
-        )
-        return position_ids
-
-    def project_vision(self, states: torch.Tensor) -> torch.Tensor:
-        """(k, 4, d_v) last-block patch states -> (k, d) through the 2x2 patch merger."""
-        return self.vision_tower.merger(states.reshape(-1, states.shape[-1]))
-
-
 ADAPTER = Qwen3VLAdapter
