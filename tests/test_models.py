@@ -46,6 +46,8 @@ def test_real_size_configs_match_released_parameter_counts(name, params_b, layer
 def test_random_weights_names():
     assert config_name("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct") == "qwen2.5-vl-7b"
     assert config_name("my-alias", "llava-hf/llava-1.5-13b-hf") == "llava-1.5-13b"
-    assert set(shipped_configs()) == {"qwen2.5-vl-3b", "qwen2.5-vl-7b", "llava-1.5-7b", "llava-1.5-13b"}
+    assert set(shipped_configs()) == {
+        "qwen2.5-vl-3b", "qwen2.5-vl-7b", "llava-1.5-7b", "llava-1.5-13b", "internvl3-1b", "internvl3-2b", "internvl3-8b"
+    }
     with pytest.raises(ValueError, match="no shipped config"):
         config_name("tiny-llava", "tiny:tiny-llava")
