@@ -47,7 +47,8 @@ def test_random_weights_names():
     assert config_name("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct") == "qwen2.5-vl-7b"
     assert config_name("my-alias", "llava-hf/llava-1.5-13b-hf") == "llava-1.5-13b"
     assert set(shipped_configs()) == {
-        "qwen2.5-vl-3b", "qwen2.5-vl-7b", "llava-1.5-7b", "llava-1.5-13b", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"
+        "qwen2.5-vl-3b", "qwen2.5-vl-7b", "llava-1.5-7b", "llava-1.5-13b", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b",
+        "internvl3-1b", "internvl3-2b", "internvl3-8b",
     }
     with pytest.raises(ValueError, match="no shipped config"):
         config_name("tiny-llava", "tiny:tiny-llava")
