@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_FAMILY_MODELS, layer_lengths, noise_image, text_length, tiny_adapter
 
-from tokbench.engine import Engine, SelectionError
+from tokbench.engine import Engine, SelectionError, split_budget
 from tokbench.pruner import (
     Budget,
     GlimpseProbe,
@@ -245,6 +245,18 @@ def test_pool_and_downsample_counts(adapter):
     sample = down.samples[0]
     assert sample.n_visual == adapter.n_visual_tokens(image)
     assert 0 < sample.n_kept_input <= 30
+
+
+def test_downsample_splits_a_samples_budget_over_its_images(adapter):
+    images = [[noise_image(448, 336, seed=1), noise_image(224, 224, seed=2)]]
+    out = Engine(adapter, build_method("downsample", Budget.ratio(0.25))).generate(images, ["q?"], [0], 1).samples[0]
+    assert 0 < out.n_kept_input <= round(0.25 * out.n_visual)
+
+
+def test_split_budget_is_proportional_and_exact():
+    assert split_budget(64, [192, 64]) == [48, 16]
+    assert split_budget(10, [5, 5, 5]) == [4, 3, 3] and sum(split_budget(7, [100, 1])) == 7
+    assert split_budget(2, [100, 100, 100]) == [1, 1, 1]  # at least one token per image
 
 
 def test_llava_small_image_is_resized_up_not_cropped_down(llava):

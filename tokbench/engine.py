@@ -175,7 +175,10 @@ class Engine:
         original_tiles = [[adapter.token_tiles(img) for img in imgs] for imgs in images]
         budgets = [budget_count(self.method.budget, _n_tokens(tiles)) for tiles in original_tiles]
         if any(s.stage == Stage.INPUT for s in self.specs):
-            images = [[adapter.resize_to_tokens(img, k) for img in imgs] for imgs, k in zip(images, budgets)]
+            images = [
+                [adapter.resize_to_tokens(img, k) for img, k in zip(imgs, split_budget(budget, [_n_tokens([t]) for t in tiles]))]
+                for imgs, budget, tiles in zip(images, budgets, original_tiles)
+            ]
         batch = adapter.preprocess(images, questions)
         _check_context(batch.attention_mask.sum(1).tolist(), max_new_tokens, adapter, doc_ids)
         ctx = _Context(self, [len(imgs) for imgs in images], original_tiles, budgets, doc_ids, questions, timer, count_flops)
@@ -495,6 +498,20 @@ def _token_layout(visual: list[VisualTokens]) -> tuple[list[tuple[int, int]], to
             rows.append(torch.cat([ids, rc], dim=1))
             grids.append((r, c))
     return grids, torch.cat(rows)
+
+
+def split_budget(budget: int, counts: list[int]) -> list[int]:
+    """A sample's token budget over its images in proportion to their tokens (largest remainders, at least
+    1 each, never more than an image has): ``split_budget(64, [192, 64]) == [48, 16]``."""
+    total = sum(counts)
+    shares = [budget * n / total for n in counts]
+    out = [max(1, min(n, int(share))) for n, share in zip(counts, shares)]
+    for i in sorted(range(len(counts)), key=lambda i: shares[i] - int(shares[i]), reverse=True):
+        if sum(out) >= budget:
+            break
+        if out[i] < counts[i]:
+            out[i] += 1
+    return out
 
 
 def _n_tokens(tiles: list[list[Tile]]) -> int:
