@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 SKIP = [  # (regex on the command line, why it cannot run here)
-    (r"qwen2\.5-vl-[37]b|llava-1\.5-(7|13)b", "a real model: hub weights or a GPU-sized random-weights run"),
+    (r"qwen2\.5-vl-[37]b|llava-1\.5-(7|13)b|qwen3-vl-[248]b|internvl3-[128]b|72B", "a real model: hub weights or a GPU-sized random-weights run"),
     (r"--task (vstar|visual_cot\w*|gqa)\b(?!-)", "the real dataset (network or a local copy)"),
     (r"--judge https?://", "a judge endpoint"),
     (r"\$\w", "a shell loop variable"),
