@@ -89,16 +89,17 @@ class GlimpseProbe:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Facts about the model a method may use to pick its stages (never the model itself).
+    """Facts about the model a method may use to pick its stages (never the model itself, never a family name).
 
-    family: "qwen2_5_vl" | "llava"; name: alias, hub id or path as given; n_layers, hidden_size,
-    n_heads: the LLM decoder's; vision_depth: vision-tower blocks; vision_feature_layer: the block whose
-    output feeds the projector (-2 for LLaVA-1.5, -1 for Qwen2.5-VL); vision_full_attention: blocks
-    with full (not windowed) attention; patches_per_token: ``u`` (4 for Qwen2.5-VL, 1 for LLaVA);
-    vision_hidden_size: the tower's width ``d_v`` (None where unknown).
+    name: alias, hub id or path as given; n_layers, hidden_size, n_heads: the LLM decoder's; vision_depth:
+    vision-tower blocks; vision_feature_layer: the block whose output feeds the projector (-2 for
+    LLaVA-1.5, -1 for Qwen2.5-VL); vision_full_attention: blocks with full (not windowed) attention;
+    patches_per_token: ``u`` (4 for Qwen2.5-VL, 1 for LLaVA); vision_hidden_size: the tower's width ``d_v``
+    (None where unknown); has_cls: the tower prepends a CLS token (``stats["cls"]`` (h, n) and
+    ``StageInputs.extras["cls"]`` exist); tiles_per_image: the most token grids one image can produce;
+    position_rows: 3 = M-RoPE (Qwen-VL), 1 = 1-D RoPE.
     """
 
-    family: str
     name: str
     n_layers: int
     hidden_size: int
@@ -108,6 +109,14 @@ class ModelInfo:
     vision_full_attention: tuple[int, ...]
     patches_per_token: int
     vision_hidden_size: int | None = None
+    has_cls: bool = False
+    tiles_per_image: int = 1
+    position_rows: int = 1
+
+    @property
+    def vision_windowed(self) -> bool:
+        """Some vision blocks use windowed attention (``vision_full_attention`` is not every block)."""
+        return set(self.vision_full_attention) != set(range(self.vision_depth))
 
 
 class BudgetError(ValueError):
@@ -173,8 +182,9 @@ class StageInputs:
 
     n_visual (int): visual tokens of this sample at this stage (after earlier drops).
     n_visual_original (int): visual tokens the image produced.
-    grid_hw (tuple[int, int]): the image's token grid (rows, cols) in LLM tokens.
-    token_rc (LongTensor, (n, 2)): row/col of each current visual token in that grid.
+    tile_grids (list[tuple[int, int]]): every token grid (rows, cols) of the sample in LLM tokens: images
+        in order, tiles in order.
+    token_rc (LongTensor, (n, 2)): row/col of each current visual token within its tile.
     budget_count (int | None): tokens to keep out of ``n_visual_original`` (None for dynamic budgets).
     question (str): the sample's question text (instruction-aware methods).
     instruction_embeds (Tensor, (m, d)): the question's tokens in LLM input space (`embed`, `vision`).
@@ -187,11 +197,15 @@ class StageInputs:
     text_logits (Tensor, (h, n)): the same row as raw q.k/sqrt(head_dim) logits.
     generator (torch.Generator): seeded per sample for methods that sample.
     extras (dict): model- or stage-specific additions (documented where set).
+    token_tile (LongTensor, (n,) | None): index into ``tile_grids`` of each current visual token.
+    token_image (LongTensor, (n,) | None): image index in the sample of each current visual token.
+        Both ``None`` = all zeros (one image, one tile); the engine always sets them.
+    A budget is over all visual tokens of the sample (every image, every tile).
     """
 
     n_visual: int
     n_visual_original: int
-    grid_hw: tuple[int, int]
+    tile_grids: list[tuple[int, int]]
     token_rc: torch.Tensor
     budget_count: int | None
     question: str = ""
@@ -203,6 +217,8 @@ class StageInputs:
     text_logits: torch.Tensor | None = None
     generator: torch.Generator | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    token_tile: torch.Tensor | None = None
+    token_image: torch.Tensor | None = None
 
 
 @dataclass
