@@ -30,7 +30,9 @@ Relevance (``relevance`` arg):
   the question's tokens of cos(visual token, token embedding), both in the LLM's input space, min–max
   normalised, not negated (no CLIP sign effect to match; OpenVINO GenAI's Qwen2-VL port also uses
   un-negated LLM-embedding relevance, with one mean-pooled instruction embedding).
-* ``auto`` (default) — ``clip`` on LLaVA, ``embeds`` on Qwen2.5-VL.
+* ``auto`` (default) — ``clip`` on a CLIP-style tower (``has_cls`` and ``patches_per_token == 1``: LLaVA),
+  ``embeds`` on any other (Qwen2.5-VL). ``clip`` needs such a tower: it projects one tower patch state per
+  token with CLIP's own ``post_layernorm`` + ``visual_projection``.
 
 Budget: exactly ``budget_count`` tokens (the official ``visual_token_num``): LLaVA-1.5 settings
 ``--budget 64|128|192``; Qwen2.5-VL ``--budget 128`` (the published 1296 → 128 setting) or ``--ratio r``.
@@ -142,11 +144,15 @@ class CDPruner(Pruner):
             raise MethodError("cdpruner keeps a fixed number of tokens; pass --ratio or --budget")
         if self.relevance not in ("auto", "clip", "embeds"):
             raise MethodError(f"cdpruner: relevance={self.relevance!r}; use auto, clip or embeds")
-        source = self.relevance if self.relevance != "auto" else ("clip" if model.family == "llava" else "embeds")
+        clip_tower = model.has_cls and model.patches_per_token == 1
+        source = self.relevance if self.relevance != "auto" else ("clip" if clip_tower else "embeds")
         if source == "embeds":
             return [StageSpec(Stage.EMBED)]
-        if model.family != "llava":
-            raise MethodError("cdpruner: relevance=clip needs a CLIP vision tower (LLaVA); use relevance=embeds")
+        if not clip_tower:
+            raise MethodError(
+                "cdpruner: relevance=clip needs a CLIP vision tower (a CLS token, one patch per token, as LLaVA's); "
+                "use relevance=embeds"
+            )
         if not self.clip.strip():
             raise MethodError("cdpruner: relevance=clip needs a CLIP checkpoint; pass --method-arg clip=PATH or relevance=embeds")
         self._load_clip()

@@ -28,11 +28,46 @@ _ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 # official config keys tokbench does not use, written at their off values so the file has every official key:
 # glimpse-embedding dropout (training) and the oracle / empty masks of the evaluation scripts
 INFERENCE_OFF = {"le_dropout_prob": 0.0, "use_ref_masks": False, "use_zero_masks": False}
+# The model capabilities a checkpoint is for (`GlimpseConfig`). Official checkpoints do not carry them but
+# name their port in ``model_type``; these are the capabilities of the models each port was written for.
+CAPABILITY_KEYS = ("has_cls", "patches_per_token", "vision_windowed")
+LLAVA_PORT = {"has_cls": True, "patches_per_token": 1, "vision_windowed": False}  # LLaVA-1.5: CLIP ViT-L/14
+QWEN_PORT = {"has_cls": False, "patches_per_token": 4, "vision_windowed": True}  # Qwen2.5-VL ViT
+# ``model_type`` of the official GP configs by the base model's ``config.model_type``; other bases: "<type>_gp"
+GP_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl_gp", "llava": "llava_llama_gp"}
+
+
+def gp_model_type(model_type: str) -> str:
+    """The GP ``model_type`` written for a base model's ``model_type``: ``llava -> llava_llama_gp``,
+    ``qwen3_vl -> qwen3_vl_gp``; a GP type (``..._gp``) is returned as is."""
+    if model_type.endswith("_gp"):
+        return model_type
+    return GP_MODEL_TYPES.get(model_type, f"{model_type}_gp")
+
+
+def official_capabilities(raw: dict) -> dict:
+    """The capability keys of an official ``config.json`` (no such keys; its port named by ``model_type``)."""
+    model_type = str(raw.get("model_type", ""))
+    if "llava" in model_type or "mm_vision_tower" in raw:
+        return dict(LLAVA_PORT)
+    if model_type.startswith("qwen2_5_vl"):
+        return dict(QWEN_PORT)
+    raise ValueError(
+        f"glimpseprune: config.json has no {', '.join(CAPABILITY_KEYS)} and model_type {model_type!r} is not an "
+        "official GlimpsePrune one (qwen2_5_vl_gp, llava_llama_gp)"
+    )
 
 
 @dataclass
 class GlimpseConfig:
-    """The official config keys GlimpsePrune reads (defaults: the shipped train configs)."""
+    """The official config keys GlimpsePrune reads (defaults: the shipped train configs), and the capabilities
+    of the model the checkpoint is for (``has_cls``, ``patches_per_token``, ``vision_windowed``: `ModelInfo`'s).
+
+    ``has_cls`` also fixes what ``selected_visual_layers`` count: ``hidden_states`` indices (0 = the patch
+    embeddings, block ``b`` = ``b + 1``) on a tower with a CLS token, as the LLaVA port counts CLIP's; vision
+    block indices otherwise, as the Qwen port does. ``vision_windowed`` lets ``attn_fuse_global = False``
+    window the VIP as the Qwen port does (the LLaVA port has no windowed VIP).
+    """
 
     hidden_size: int
     num_attention_heads: int
@@ -41,11 +76,13 @@ class GlimpseConfig:
     reduce_layer: int
     selected_layers: tuple[int, ...]
     le_layers: tuple[int, ...]
-    selected_visual_layers: tuple[int, ...]  # Qwen: ViT block indices; LLaVA: CLIP hidden_states indices
-    family: str = "qwen2_5_vl"
+    selected_visual_layers: tuple[int, ...]  # hidden_states indices with has_cls, else vision block indices
+    has_cls: bool
+    patches_per_token: int
+    vision_windowed: bool
     rms_norm_eps: float = 1e-6
-    use_attention_logits: bool = True  # Qwen True (raw q.k), LLaVA False (log-softmax)
-    attn_fuse_global: bool = True  # Qwen: full attention per image (False: 4x4 windows of merged tokens)
+    use_attention_logits: bool = True  # Qwen port True (raw q.k), LLaVA port False (log-softmax)
+    attn_fuse_global: bool = True  # full attention per tile (False, windowed towers: 4x4 windows of tokens)
     attn_fuse_type: str = "AttnFuserV1"
     attn_fuse_size: int = 256
     visual_cond_size: int = 512
@@ -60,9 +97,15 @@ class GlimpseConfig:
     max_remain_ratio: float | None = None
     anchor_positions: tuple[str, ...] = ()
 
-    def to_json(self, base: dict | None = None) -> dict:
+    def vision_blocks(self) -> tuple[int, ...]:
+        """``selected_visual_layers`` as vision block indices (0-based block outputs)."""
+        return tuple(v - 1 if self.has_cls else v for v in self.selected_visual_layers)
+
+    def to_json(self, base: dict | None = None, model_type: str | None = None) -> dict:
         """``config.json`` as the official ``save_new_modules`` writes it: the base model's config with the
-        GP keys at the top level (``model_type`` ``qwen2_5_vl_gp`` / ``llava_llama_gp``).
+        GP keys (and the capability keys) at the top level, ``model_type`` = `gp_model_type` of
+        ``model_type`` (the base model's ``config.model_type``, or a GP one), else of ``base["model_type"]``;
+        neither: no ``model_type`` (tokbench reads the capability keys).
 
         The official ``load_new_modules`` replaces the whole model config with this file
         (``config_class.from_json_file``), so it must carry the base config (``image_token_id``,
@@ -72,9 +115,10 @@ class GlimpseConfig:
         """
         gp = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         vision = {"hidden_size": gp.pop("vision_hidden_size")}
-        gp.pop("family")
         gp.update(INFERENCE_OFF)
-        gp["model_type"] = "qwen2_5_vl_gp" if self.family == "qwen2_5_vl" else "llava_llama_gp"
+        model_type = model_type or (base or {}).get("model_type")
+        if model_type:
+            gp["model_type"] = gp_model_type(model_type)
         if base is None:
             return {**gp, "vision_config": vision}
         out = official_base(base)
@@ -89,8 +133,8 @@ class GlimpseConfig:
         text = raw.get("text_config") or {}
         known = {f.name for f in fields(cls)}
         values = {k: raw[k] if k in raw else text[k] for k in known if k in raw or k in text}
-        is_llava = "llava" in str(raw.get("model_type", "")) or "mm_vision_tower" in raw
-        values["family"] = "llava" if is_llava else "qwen2_5_vl"
+        if not all(key in values for key in CAPABILITY_KEYS):
+            values.update(official_capabilities(raw))
         values["vision_hidden_size"] = vision_hidden_size
         for key in ("selected_layers", "le_layers", "selected_visual_layers", "anchor_positions"):
             values[key] = tuple(values.get(key) or ())
@@ -236,7 +280,7 @@ class VIP(nn.Module):
         last = [cfg.deep_supervision or i == layers - 1 for i in range(layers)]
         self.attn_out_projs = nn.ModuleList(nn.Linear(size, 1) if out else nn.Identity() for out in last)
         self.head_dim = (size + cond) // heads
-        self.windowed = cfg.family == "qwen2_5_vl" and not cfg.attn_fuse_global
+        self.windowed = cfg.vision_windowed and not cfg.attn_fuse_global
 
     def rope(self, token_rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (n, hd): row then column frequencies over hd/4 each, duplicated (Qwen vision RoPE)."""
@@ -246,13 +290,14 @@ class VIP(nn.Module):
         emb = torch.cat([angles, angles], dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], token_rc: torch.Tensor, image_id: torch.Tensor):
-        """attn (n, layers*h), conds[i] (n, d_v), token_rc (n, 2), image_id (n,) -> logits (n,).
+    def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], token_rc: torch.Tensor, tile_id: torch.Tensor):
+        """attn (n, layers*h), conds[i] (n, d_v), token_rc (n, 2) row/col within the tile, tile_id (n,) -> logits (n,).
 
-        Tokens attend within their own image (official per-image ``cu_seqlens``), and within their
-        4x4 window of merged tokens when the Qwen fuser is not global.
+        Tokens attend within their own tile (the official per-image ``cu_seqlens``: one tile per image
+        there), with 2-D RoPE over their row/col in it, and within their 4x4-token window of the tile
+        when the fuser is windowed (windowed tower, ``attn_fuse_global`` False).
         """
-        group = image_id.long()
+        group = tile_id.long()
         if self.windowed:
             window = token_rc.long() // 4
             span = int(window.max()) + 1
@@ -293,6 +338,7 @@ class GlimpseModules(nn.Module):
         norm = {"rmsnorm": lambda: RMSNorm(d, cfg.rms_norm_eps), "layernorm": lambda: nn.LayerNorm(d)}
         self.le_norm = norm[cfg.le_norm_type]()
         self.base_config: dict | None = None  # the base model's config, written with the GP keys (`save`)
+        self.model_type: str | None = None  # the ``model_type`` of the file `load` read (`save`'s default)
 
     def init_untrained(self, seed: int) -> GlimpseModules:
         """Random official initialisation: Linear/norm from ``seed``, VIP ``seed + 1``, embeddings ``seed + 2``."""
@@ -321,15 +367,18 @@ class GlimpseModules(nn.Module):
             "le_norm": self.le_norm.state_dict(),
         }
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, model_type: str | None = None) -> None:
         """Write ``config.json`` + ``new_modules_gp.pt`` as the official ``save_new_modules`` does.
 
         ``config.json`` is ``base_config`` (set by `load` from the file read, or by the trainer from the
         model) with the GP keys; without a ``base_config`` it holds the GP keys only (see `GlimpseConfig.to_json`).
+        ``model_type``: the base model's ``config.model_type`` (``qwen2_5_vl`` -> ``qwen2_5_vl_gp``, ``llava`` ->
+        ``llava_llama_gp``, other ``t`` -> ``t_gp``) or a GP one; None: the file read's, else ``base_config``'s.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.cfg.to_json(self.base_config), indent=2))
+        config = self.cfg.to_json(self.base_config, model_type or self.model_type)
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
         torch.save(self.official_state(), directory / "new_modules_gp.pt")
 
     @classmethod
@@ -343,8 +392,9 @@ class GlimpseModules(nn.Module):
         raw = json.loads((directory / "config.json").read_text())
         cfg = GlimpseConfig.from_json(raw, vision_hidden_size)
         modules = cls(cfg)
-        if set(raw) - set(cfg.to_json()):  # a full model config (official, or tokbench's): written back by `save`
-            modules.base_config = raw
+        if set(raw) - set(cfg.to_json()) - {"model_type"}:  # a full model config (official, or tokbench's)
+            modules.base_config = raw  # written back by `save`
+        modules.model_type = raw.get("model_type")
         modules.attn_fuser.load_state_dict(fuser, strict=True)
         with torch.no_grad():
             modules.learnable_embeddings.copy_(state["learnable_embeddings"])

@@ -7,18 +7,22 @@ Stage `glimpse` (Sec. 3.2, official ``_glimpse_forward`` / ``_get_remain_masks``
   input embedding is ``le_norm(le_proj(E[0]))`` and before every layer ``l`` in ``le_layers`` (all
   layers in the shipped configs) ``le_norm(le_proj(E[l]))`` is added to its hidden state;
 - at layer K (``selected_layers = reduce_layer = K``) its attention row to the image tokens is taken
-  per head: raw ``q.k / sqrt(hd)`` for Qwen2.5-VL (``use_attention_logits=True``), log-softmax for
-  LLaVA (``False``);
+  per head: raw ``q.k / sqrt(hd)`` (``use_attention_logits=True``, the Qwen2.5-VL port) or log-softmax
+  over all keys (``False``, the LLaVA port);
 - the VIP (Sec. 3.3, `methods/glimpse_vip.py`) turns these features, vision-tower states (Qwen: ViT
   blocks 31, 23, 15, 7, each 2x2 unit averaged; LLaVA: CLIP ``hidden_states[23, 17, 11, 5]`` = block
-  outputs 22, 16, 10, 4) and 2-D RoPE over the token grid into one logit per visual token;
+  outputs 22, 16, 10, 4) and 2-D RoPE over each tile's token grid into one logit per visual token;
+  tokens attend within their tile (``StageInputs.token_tile``; the official code: within the image);
 - dynamic keep (Eq. in Sec. 3.3, ``_get_remain_masks``): ``sigmoid(logit) > reduce_threshold`` (0.5);
   if the kept share exceeds ``max_remain_ratio`` keep exactly the top ``int(ratio n)``; if fewer than
   ``min_remain_num`` (1) survive, add the top ones. The engine then drops the rest from the hidden
   states and from the KV cache of layers 0..K, removes the glimpse token and runs layers K+1.. on the
   kept tokens (``headline_retention = "final"``).
-K (official configs): Qwen2.5-VL-7B 18 of 28, 3B 23 of 36, LLaVA-1.5-7B 21 of 32, 13B 26 of 40; a
-checkpoint's ``config.json`` decides; untrained on other depths ``min(round(2 L / 3), L - 2)``.
+K (official configs, by model name): Qwen2.5-VL-7B 18 of 28, 3B 23 of 36, LLaVA-1.5-7B 21 of 32, 13B 26 of
+40; a checkpoint's ``config.json`` decides; untrained on other models ``min(round(2 L / 3), L - 2)``.
+Untrained settings come from the model's capabilities (`default_config`), never its family: a tower with
+a CLS token (``has_cls``) gets the LLaVA port's log-softmax features and ``hidden_states`` layer indices;
+a windowed tower (``vision_windowed``) the Qwen port's full-attention blocks.
 
 Budgets: no budget (``None``) = the official dynamic default, capped by
 ``max_remain_ratio`` (method arg, else the checkpoint's, ``None`` = no cap: the README's "no retention
@@ -42,6 +46,7 @@ from pathlib import Path
 import torch
 
 from methods.glimpse_vip import VIP, GlimpseConfig, GlimpseModules, init_official
+from methods.tiles import token_tiles
 from tokbench.method_weights import check_weights_dir
 from tokbench.models.tiny import glimpse_weights_dir
 from tokbench.pruner import (
@@ -65,7 +70,12 @@ DEFAULT_WEIGHTS = (  # (pattern in ModelInfo.name, hub ids to try), from the off
     # the trained Qwen canary (tokbench train-glimpse; docs/canary.md), shipped in the package
     (r"^tiny-qwen2\.5-vl$", (str(glimpse_weights_dir("tiny-qwen2.5-vl")),)),
 )
-OFFICIAL_LAYER = {("qwen2_5_vl", 28): 18, ("qwen2_5_vl", 36): 23, ("llava", 32): 21, ("llava", 40): 26}
+OFFICIAL_LAYER = (  # (pattern in ModelInfo.name, K), from the official train configs
+    (r"qwen2\.5-vl-3b", 23),
+    (r"qwen2\.5-vl-7b", 18),
+    (r"llava-v?1\.5-7b", 21),
+    (r"llava-v?1\.5-13b", 26),
+)
 
 
 def top_tokens(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,19 +100,41 @@ def keep_dynamic(logits: torch.Tensor, threshold: float, max_ratio: float | None
     return keep.nonzero()[:, 0]
 
 
-def default_config(model: ModelInfo) -> GlimpseConfig:
-    """The shipped train configs' settings scaled to ``model`` (for untrained runs)."""
-    k = OFFICIAL_LAYER.get((model.family, model.n_layers), min(round(2 * model.n_layers / 3), model.n_layers - 2))
+def glimpse_layer(model: ModelInfo) -> int:
+    """K: the official train config's for the model's name, else ``min(round(2 L / 3), L - 2)``."""
+    name = model.name.lower()
+    official = next((k for pattern, k in OFFICIAL_LAYER if re.search(pattern, name)), None)
+    return official if official is not None else min(round(2 * model.n_layers / 3), model.n_layers - 2)
+
+
+def default_vision_blocks(model: ModelInfo) -> tuple[int, ...]:
+    """The VIP's vision blocks, deepest first. Windowed tower: its full-attention blocks (Qwen port: 31, 23,
+    15, 7). Otherwise four spaced ``depth / 4`` apart down from the feature block, counted as the LLaVA
+    port counts CLIP ``hidden_states`` (``max(1, round(f + 1 - j depth / 4)) - 1``, f the feature block;
+    CLIP 24 blocks, f = 22: 22, 16, 10, 4)."""
+    if model.vision_windowed:
+        return tuple(sorted(model.vision_full_attention, reverse=True))
     depth = model.vision_depth
-    if model.family == "qwen2_5_vl":  # the full-attention ViT blocks, deepest first (31, 23, 15, 7)
-        visual = tuple(sorted(model.vision_full_attention, reverse=True))
-    else:  # CLIP hidden_states indices 23, 17, 11, 5 of 24 blocks (index 0, the embeddings, is not offered)
-        visual = tuple(dict.fromkeys(max(1, round(depth - 1 - j * depth / 4)) for j in range(4)))
+    top = model.vision_feature_layer % depth + 1  # the feature block as a hidden_states index
+    return tuple(dict.fromkeys(max(1, round(top - j * depth / 4)) - 1 for j in range(4)))
+
+
+def default_config(model: ModelInfo) -> GlimpseConfig:
+    """The shipped train configs' settings scaled to ``model`` (for untrained runs).
+
+    Which official port's settings apply follows the model's capabilities: with a CLS token (``has_cls``) the
+    LLaVA port's log-softmax features and ``hidden_states`` indices, else the Qwen port's raw logits and
+    block indices; the vision blocks by `default_vision_blocks`.
+    """
+    k = glimpse_layer(model)
+    blocks = default_vision_blocks(model)
     return GlimpseConfig(
         hidden_size=model.hidden_size, num_attention_heads=model.n_heads, num_hidden_layers=model.n_layers,
-        vision_hidden_size=model.vision_hidden_size or (1280 if model.family == "qwen2_5_vl" else 1024), reduce_layer=k, selected_layers=(k,),
-        le_layers=tuple(range(model.n_layers)), selected_visual_layers=visual, family=model.family,
-        use_attention_logits=model.family == "qwen2_5_vl",
+        vision_hidden_size=model.vision_hidden_size or model.hidden_size,  # unknown: resized on first use (`_vip`)
+        reduce_layer=k, selected_layers=(k,), le_layers=tuple(range(model.n_layers)),
+        selected_visual_layers=tuple(b + 1 for b in blocks) if model.has_cls else blocks,
+        has_cls=model.has_cls, patches_per_token=model.patches_per_token, vision_windowed=model.vision_windowed,
+        use_attention_logits=not model.has_cls,
     )
 
 
@@ -159,25 +191,32 @@ class GlimpsePrune:
 
     @staticmethod
     def _check(cfg: GlimpseConfig, model: ModelInfo) -> None:
-        got = (cfg.family, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads)
-        want = (model.family, model.n_layers, model.hidden_size, model.n_heads)
+        got = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.has_cls, cfg.patches_per_token,
+               cfg.vision_windowed)  # fmt: skip
+        want = (model.n_layers, model.hidden_size, model.n_heads, model.has_cls, model.patches_per_token,
+                model.vision_windowed)  # fmt: skip
         if got != want:
-            raise ValueError(f"glimpseprune weights are for (family, layers, hidden, heads) = {got}; the model: {want}")
+            raise ValueError(
+                "glimpseprune weights are for (layers, hidden, heads, has_cls, patches_per_token, vision_windowed) = "
+                f"{got}; the model: {want}"
+            )
         if not max(cfg.selected_layers) <= cfg.reduce_layer <= model.n_layers - 1:
             raise ValueError(f"glimpseprune: selected_layers {cfg.selected_layers} / reduce_layer {cfg.reduce_layer}")
         if cfg.anchor_positions:
             raise ValueError("glimpseprune: anchor_positions are not supported")
 
-    def save_weights(self, path: str | Path) -> None:
-        """Write the current glimpse modules as ``config.json`` + ``new_modules_gp.pt`` (official layout)."""
+    def save_weights(self, path: str | Path, model_type: str | None = None) -> None:
+        """Write the current glimpse modules as ``config.json`` + ``new_modules_gp.pt`` (official layout).
+
+        ``model_type``: the base model's ``config.model_type`` (`GlimpseModules.save`; None: as loaded/set)."""
         if getattr(self, "_modules", None) is None:
             raise ValueError("glimpseprune: no weights yet; call stages(model) first")
-        self._modules.save(path)
+        self._modules.save(path, model_type)
 
     # --- the Pruner contract ------------------------------------------------------------------------
     def stages(self, model: ModelInfo) -> list[StageSpec]:
         cfg = self.modules_for(model).cfg
-        blocks = [v if cfg.family == "qwen2_5_vl" else v - 1 for v in cfg.selected_visual_layers]
+        blocks = cfg.vision_blocks()
         if not all(0 <= b < model.vision_depth for b in blocks):
             layers, depth = cfg.selected_visual_layers, model.vision_depth
             raise ValueError(f"glimpseprune: vision layers {layers} outside the {depth}-block tower")
@@ -209,17 +248,17 @@ class GlimpsePrune:
         """
         cfg = self._modules.cfg
         attn = inputs.extras["probe_logits"].float()
-        if not cfg.use_attention_logits:  # LLaVA: log-softmax over every key, as the official code
+        if not cfg.use_attention_logits:  # the LLaVA port: log-softmax over every key
             attn = attn - inputs.extras["probe_logsumexp"].float()[..., None]  # log-softmax over all keys
         n = attn.shape[-1]
         features = attn.permute(2, 0, 1).reshape(n, -1)  # (n, layers * h), official layer-major order
         conds = [inputs.vision_hidden[b].float().mean(dim=1) for b in spec.vision_layers]  # (n, d_v) each
         rc = inputs.token_rc.to(attn.device)
-        image_id = (rc == 0).all(dim=1).long().cumsum(0) - 1  # a new image starts at row 0, col 0
+        tile = token_tiles(inputs).to(attn.device)
         if vip is not None:
-            return vip(features, conds, rc, image_id)
+            return vip(features, conds, rc, tile)
         with torch.no_grad():
-            return self._vip(conds[0].shape[-1], attn.device)(features, conds, rc, image_id)
+            return self._vip(conds[0].shape[-1], attn.device)(features, conds, rc, tile)
 
     def _vip(self, vision_hidden_size: int, device: torch.device) -> VIP:
         key = (vision_hidden_size, str(device))

@@ -1,28 +1,38 @@
 """`vscan`: VScan (Zhang et al., TMLR 2026, arXiv 2505.22654), Sec. 4.1 and 4.2.
 
 Notation: ``n`` visual tokens, ``d`` LLM hidden size, ``h`` heads, ``L`` LLM layers, ``B`` budget
-(the layer-averaged visual token count), ``T1``/``T2`` tokens kept by stage 1/2.
+(the layer-averaged visual token count over all the sample's visual tokens), ``T1``/``T2`` tokens kept
+by stage 1/2.
+
+Two official ports exist, LLaVA-1.5 (CLIP tower) and Qwen2.5-VL; tokbench picks each setting from the
+model's capabilities (`ModelInfo`), never its family:
 
 Stage 1, `vision` (Sec. 4.1, "complementary global and local scans with token merging"):
-- local scan: split the token grid into windows and keep the highest-scoring tokens of each window by
-  a shallow block's attention (LLaVA: CLS attention at CLIP block 5 of 24, 6x6-token windows = 4x4
-  windows over 24x24; Qwen2.5-VL: attention received at the first full-attention block (7), 4x4-token
-  windows). Tokens are taken in descending score, each window capped at ``ceil(local / windows)``;
-  rows/columns left over by the window size join the last window (official Qwen ``window_selection``;
-  with a count divisible by the windows this is LLaVA's exact per-window top-k);
-- global scan: the highest-scoring remaining tokens by the feature block's attention (LLaVA: CLS
-  attention at block -2; Qwen: attention received at the last block), local picks excluded;
+- local scan: split each tile's token grid into windows and keep the highest-scoring tokens of each
+  window by a shallow block's attention. Block: on a tower without windowed attention
+  (``not vision_windowed``; LLaVA port) block ``round(local_depth * depth)`` (CLIP block 5 of 24); on a
+  windowed tower (Qwen port) the first full-attention block (7), the shallowest with attention
+  statistics. Window side (``window``, 0 = default): on a tower with a CLS token (``has_cls``; LLaVA
+  port) the tile's rows // 4 (6x6-token windows = 4x4 windows over 24x24), else 4 tokens (the Qwen
+  port's 4x4-token windows, Qwen's own 112 px attention window). Windows never straddle tiles: every
+  tile gets its own (``StageInputs.token_tile``). Tokens are taken in descending score, each window
+  capped at ``ceil(local / windows)`` (windows of all tiles counted); rows/columns left over by the
+  window size join the last window of their tile (official Qwen ``window_selection``; with a count
+  divisible by the windows this is LLaVA's exact per-window top-k);
+- global scan: the highest-scoring remaining tokens by a deep block's attention (non-windowed tower:
+  the feature block, CLIP -2; windowed: the last full-attention block), local picks excluded;
   ``local = floor(T1 (1 - global_share))``, ``global = T1 - local`` with ``global_share = 0.5``;
 - merging: every unselected token joins its most cosine-similar selected token; each selected token
   becomes ``(self + sum(members)) / (1 + count)``. As in the official code this acts on the projected
   visual tokens (LLM space: after ``mm_projector`` for LLaVA, after the merger for Qwen).
-Scores: CLS attention averaged over heads (CLIP), or attention received (sum over heads, mean over
-queries and over each 2x2 merge unit), as the official code computes them.
+Scores: CLS attention averaged over heads (towers with a CLS token), or attention received (sum over
+heads, mean over queries and over each merge unit), as the official code computes them.
 
 Stage 2, `llm` (Sec. 4.2, middle-layer pruning): after layer ``round(mid_layer L) - 1`` keep the ``T2``
 tokens the last prompt token attends to most (softmax over all keys, mean over heads), scored with the
-next layer's q/k projections (official ``layer_prune`` uses ``layers[16]`` after 16 layers); LLaVA
-applies RoPE when scoring, Qwen2.5-VL does not. Official: LLaVA layer 16 of 32, Qwen 14 of 28.
+next layer's q/k projections (official ``layer_prune`` uses ``layers[16]`` after 16 layers). RoPE on
+q/k when scoring (``score_rope``, None = default): on for 1-D RoPE (``position_rows == 1``; the LLaVA
+port applies it), off for M-RoPE (the Qwen port does not). Official: LLaVA layer 16 of 32, Qwen 14 of 28.
 
 Budget (``headline_retention = "layer_avg"``): with ``p = mid_layer`` and ``s = mid_keep``,
 ``T1 = round(B / (p + (1 - p) s))`` (at most ``n``) and ``T2 = round((B - p T1) / (1 - p))``, so that
@@ -38,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from methods.tiles import token_tiles
 from tokbench.pruner import (
     Budget,
     BudgetError,
@@ -60,20 +71,30 @@ def stage_counts(budget: int, n: int, mid_layer: float, mid_keep: float) -> tupl
     return t1, min(t1, max(1, t2))
 
 
-def window_ids(token_rc: torch.Tensor, window: int) -> torch.Tensor:
-    """(n,) window id of each token; a new image starts where row/col return to (0, 0)."""
-    image = (token_rc == 0).all(dim=1).long().cumsum(0) - 1  # (n,)
-    ids = torch.empty_like(image)
+def window_ids(
+    token_rc: torch.Tensor, token_tile: torch.Tensor, tile_grids: list[tuple[int, int]], windows: list[int]
+) -> torch.Tensor:
+    """(n,) window id of each token: tile ``t`` (grid ``tile_grids[t]``) is cut into ``windows[t]``-token
+    squares, leftover rows/cols joining the last window of its row/column; ids count tile by tile.
+
+    token_rc (n, 2) row/col within the tile, token_tile (n,) tile index. Example: tiles (2, 4) and (2, 2)
+    with windows [2, 2]: tile 0 has windows 0, 1; tile 1 window 2.
+    """
+    ids = torch.empty_like(token_tile)
     offset = 0
-    for i in range(int(image.max()) + 1):
-        rc = token_rc[image == i]
-        rows, cols = (rc.max(dim=0).values + 1).tolist()
+    for t, ((rows, cols), window) in enumerate(zip(tile_grids, windows)):
         n_h, n_w = max(1, rows // window), max(1, cols // window)
-        r = (rc[:, 0] // window).clamp(max=n_h - 1)  # leftover rows/cols join the last window
-        c = (rc[:, 1] // window).clamp(max=n_w - 1)
-        ids[image == i] = offset + r * n_w + c
+        here = token_tile == t
+        r = (token_rc[here, 0] // window).clamp(max=n_h - 1)
+        c = (token_rc[here, 1] // window).clamp(max=n_w - 1)
+        ids[here] = offset + r * n_w + c
         offset += n_h * n_w
     return ids
+
+
+def default_windows(tile_grids: list[tuple[int, int]], cls: bool) -> list[int]:
+    """Window side per tile: rows // 4 with a CLS tower (LLaVA port: 4x4 windows per grid), else 4 (Qwen port)."""
+    return [max(1, rows // 4) if cls else 4 for rows, _ in tile_grids]
 
 
 def local_scan(score: torch.Tensor, windows: torch.Tensor, count: int) -> torch.Tensor:
@@ -109,7 +130,7 @@ def merge_into_kept(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _scan_score(stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(n,) CLS attention averaged over heads (CLIP) or attention received (Qwen2.5-VL)."""
+    """(n,) CLS attention averaged over heads (towers with CLS) or attention received (the others)."""
     return stats["cls"].float().mean(dim=0) if "cls" in stats else stats["received"].float()
 
 
@@ -122,8 +143,9 @@ class VScan(Pruner):
     mid_layer: float = 0.5  # stage 2 after this fraction of the layers: 16 of 32 (LLaVA), 14 of 28 (Qwen)
     mid_keep: float = 1 / 3  # T2 / T1: 32 of 96 (LLaVA), 0.333 (Qwen)
     global_share: float = 0.5  # share of T1 from the global scan
-    window: int = 0  # window side in tokens; 0: LLaVA rows // 4 (6 at 24x24), Qwen 4
-    local_depth: float = 5 / 24  # LLaVA's shallow CLS-attention block as a fraction of the tower (5 of 24)
+    window: int = 0  # window side in tokens; 0: the tile's rows // 4 with a CLS tower (6 at 24x24), else 4
+    local_depth: float = 5 / 24  # the shallow block on a non-windowed tower, as a fraction of it (CLIP 5 of 24)
+    score_rope: bool | None = None  # RoPE when scoring stage 2; None: on for 1-D RoPE, off for M-RoPE
     version = "1"
     headline_retention = "layer_avg"
 
@@ -143,16 +165,22 @@ class VScan(Pruner):
             if not 0 <= getattr(self, key) <= 1:
                 raise MethodError(f"vscan: {key}={getattr(self, key)} must lie in [0, 1]")
         if self.window < 0:
-            raise MethodError(f"vscan: window={self.window} must be >= 0 (0: the family's default)")
-        depth, qwen = model.vision_depth, model.family == "qwen2_5_vl"
-        if qwen:  # first full-attention block (local), last block (global)
-            blocks = (model.vision_full_attention[0], model.vision_full_attention[-1])
-        else:  # CLIP block 5 of 24 (local), the feature block -2 (global)
-            blocks = (min(depth - 1, round(self.local_depth * depth)), model.vision_feature_layer % depth)
+            raise MethodError(f"vscan: window={self.window} must be >= 0 (0: the default from the tile grid)")
+        rope = model.position_rows == 1 if self.score_rope is None else self.score_rope
         return [
-            StageSpec(Stage.VISION, vision_attention=blocks),
-            StageSpec(Stage.LLM, layer=rank - 1, attention_from="next", attention_rope=not qwen),
+            StageSpec(Stage.VISION, vision_attention=self.scan_blocks(model)),
+            StageSpec(Stage.LLM, layer=rank - 1, attention_from="next", attention_rope=rope),
         ]
+
+    def scan_blocks(self, model: ModelInfo) -> tuple[int, int]:
+        """(local, global) vision blocks: windowed towers have attention statistics only at full-attention
+        blocks, so the first and last of them (Qwen port: 7, 31); otherwise block ``round(local_depth *
+        depth)`` and the feature block (LLaVA port: 5 and 22 of 24)."""
+        if model.vision_windowed:
+            full = sorted(model.vision_full_attention)
+            return full[0], full[-1]
+        depth = model.vision_depth
+        return min(depth - 1, round(self.local_depth * depth)), model.vision_feature_layer % depth
 
     def stage_count(self, spec: StageSpec, inputs: StageInputs) -> int | None:
         if inputs.budget_count is None:
@@ -170,8 +198,9 @@ class VScan(Pruner):
         embeds = inputs.visual_embeds  # (n, d)
         if count >= inputs.n_visual:
             return KeepDecision(torch.arange(inputs.n_visual, device=embeds.device))
-        window = self.window or (4 if "cls" not in stats[local_block] else max(1, inputs.grid_hw[0] // 4))
-        windows = window_ids(inputs.token_rc, window).to(embeds.device)
+        grids = inputs.tile_grids
+        sides = [self.window] * len(grids) if self.window else default_windows(grids, "cls" in stats[local_block])
+        windows = window_ids(inputs.token_rc, token_tiles(inputs), grids, sides).to(embeds.device)
         shallow = _scan_score(stats[local_block]).to(embeds.device)
         local = local_scan(shallow, windows, int(count * (1 - self.global_share)))
         deep = _scan_score(stats[global_block]).to(embeds.device)

@@ -10,7 +10,11 @@ from conftest import noise_image, tiny_adapter
 
 from methods.cdpruner import dpp_greedy_map, dpp_greedy_order, min_max, strip_answer_format
 from tokbench.engine import Engine
-from tokbench.pruner import Budget, MethodError, Stage, StageInputs, StageSpec, build_method
+from tokbench.pruner import Budget, MethodError, ModelInfo, Stage, StageInputs, StageSpec, build_method
+
+# the tiny models' capabilities (tokbench.models.tiny): Qwen's windowed 2x2-merge tower, LLaVA's CLIP with CLS
+TINY_QWEN = ModelInfo("tiny-qwen2.5-vl", 4, 64, 4, 4, -1, (1, 3), 4, vision_hidden_size=32, position_rows=3)
+TINY_LLAVA = ModelInfo("tiny-llava", 4, 64, 4, 4, -2, (0, 1, 2, 3), 1, vision_hidden_size=32, has_cls=True)
 
 
 def _det(kernel: torch.Tensor, subset) -> float:
@@ -25,8 +29,8 @@ def _psd_kernel(n: int, seed: int, rank: int = 5) -> torch.Tensor:
 
 
 def _inputs(n: int, budget: int, **fields) -> StageInputs:
-    return StageInputs(n_visual=n, n_visual_original=n, grid_hw=(1, n), token_rc=torch.zeros(n, 2, dtype=torch.long),
-                       budget_count=budget, **fields)
+    return StageInputs(n_visual=n, n_visual_original=n, tile_grids=[(1, n)],
+                       token_rc=torch.zeros(n, 2, dtype=torch.long), budget_count=budget, **fields)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -90,7 +94,7 @@ def test_embeds_relevance_prefers_tokens_aligned_with_the_instruction():
 
 
 def test_bad_arguments_are_rejected():
-    qwen = tiny_adapter("tiny-qwen2.5-vl").info()
+    qwen = TINY_QWEN
     with pytest.raises(MethodError, match="relevance=embeds"):
         build_method("cdpruner", Budget.tokens(4), {"relevance": "clip"}).stages(qwen)
     with pytest.raises(MethodError, match="auto, clip or embeds"):
@@ -173,13 +177,25 @@ def test_clip_relevance_matches_the_official_formula(tiny_clip, question, segmen
     inputs = _inputs(n, 6, visual_embeds=torch.randn(n, 64, generator=g), vision_hidden={-2: patches},
                      question=question + "\nAnswer the question using a single word or phrase.")
     method = build_method("cdpruner", Budget.tokens(6), {"clip": str(path)})
-    assert [s.stage for s in method.stages(tiny_adapter("tiny-llava").info())] == [Stage.VISION]
+    assert [s.stage for s in method.stages(TINY_LLAVA)] == [Stage.VISION]
     decision = method.select(StageSpec(Stage.VISION, vision_layers=(-2,)), inputs)
     expected = _reference_relevance(model, tokenizer, patches[:, 0], question)
     assert (len(tokenizer(question).input_ids) - 1) // 77 + 1 == segments
     torch.testing.assert_close(decision.scores, expected, rtol=1e-4, atol=1e-5)
     x = torch.nn.functional.normalize(inputs.visual_embeds, dim=-1)
     assert decision.keep_index.tolist() == dpp_greedy_map(expected[:, None] * (x @ x.T) * expected[None, :], 6).tolist()
+
+
+def test_capabilities_choose_the_relevance(tiny_clip):
+    """No family name: ``auto`` is ``clip`` exactly on a CLIP-style tower (CLS token, one patch per token)."""
+    clip = {"clip": str(tiny_clip[0])}
+    cases = [(TINY_LLAVA, Stage.VISION), (TINY_QWEN, Stage.EMBED),
+             (ModelInfo("cls-merged", 4, 64, 4, 4, -1, (0, 1, 2, 3), 4, has_cls=True), Stage.EMBED),
+             (ModelInfo("no-cls", 4, 64, 4, 4, -1, (0, 1, 2, 3), 1), Stage.EMBED)]  # fmt: skip
+    for model, stage in cases:
+        assert [s.stage for s in build_method("cdpruner", Budget.tokens(4), clip).stages(model)] == [stage]
+    with pytest.raises(MethodError, match="needs a CLIP vision tower"):
+        build_method("cdpruner", Budget.tokens(4), {**clip, "relevance": "clip"}).stages(cases[2][0])
 
 
 def test_llava_clip_relevance_end_to_end(tiny_clip):

@@ -12,14 +12,14 @@ from methods.dart import DART, duplication_select, kept_after, quotas
 from tokbench.engine import Engine
 from tokbench.pruner import Budget, MethodError, ModelInfo, Stage, StageInputs, build_method
 
-LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
-TINY = ModelInfo("llava", "tiny", 4, 64, 4, 4, -2, (0, 1, 2, 3), 1)
+LLAVA_7B = ModelInfo("llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
+TINY = ModelInfo("tiny", 4, 64, 4, 4, -2, (0, 1, 2, 3), 1, has_cls=True)
 
 
 def _inputs(hidden, budget_count, extras=None):
     n = hidden.shape[0]
     return StageInputs(
-        n_visual=n, n_visual_original=n, grid_hw=(1, n), token_rc=torch.zeros(n, 2, dtype=torch.long),
+        n_visual=n, n_visual_original=n, tile_grids=[(1, n)], token_rc=torch.zeros(n, 2, dtype=torch.long),
         budget_count=budget_count, hidden_states=hidden, extras=extras or {},
     )
 

@@ -14,8 +14,8 @@ from tokbench.pruner import Budget, MethodError, Stage, StageInputs, StageSpec, 
 
 
 def _inputs(n: int, budget: int, **fields) -> StageInputs:
-    return StageInputs(n_visual=n, n_visual_original=n, grid_hw=(1, n), token_rc=torch.zeros(n, 2, dtype=torch.long),
-                       budget_count=budget, **fields)
+    return StageInputs(n_visual=n, n_visual_original=n, tile_grids=[(1, n)],
+                       token_rc=torch.zeros(n, 2, dtype=torch.long), budget_count=budget, **fields)
 
 
 def _reference_divprune(x: torch.Tensor, k: int) -> list[int]:

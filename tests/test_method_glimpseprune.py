@@ -9,15 +9,16 @@ import torch
 from conftest import noise_image, tiny_adapter
 
 from methods.glimpse_vip import VIP, GlimpseConfig, GlimpseModules
-from methods.glimpseprune import GlimpsePrune, keep_dynamic, top_tokens
+from methods.glimpseprune import GlimpsePrune, default_config, keep_dynamic, top_tokens
 from tokbench.engine import Engine
 from tokbench.pruner import Budget, ModelInfo, Stage, StageInputs, build_method
 
-QWEN_7B = ModelInfo("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)
-QWEN_3B = ModelInfo("qwen2_5_vl", "qwen2.5-vl-3b", 36, 2048, 16, 32, -1, (7, 15, 23, 31), 4)
-LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
-LLAVA_13B = ModelInfo("llava", "llava-hf/llava-1.5-13b-hf", 40, 5120, 40, 24, -2, tuple(range(24)), 1)
-SMALL = ModelInfo("qwen2_5_vl", "small", 6, 32, 4, 4, -1, (1, 3), 4)
+QWEN_7B = ModelInfo("Qwen/Qwen2.5-VL-7B-Instruct", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4,
+                    position_rows=3)  # fmt: skip
+QWEN_3B = ModelInfo("qwen2.5-vl-3b", 36, 2048, 16, 32, -1, (7, 15, 23, 31), 4, position_rows=3)
+LLAVA_7B = ModelInfo("llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
+LLAVA_13B = ModelInfo("llava-hf/llava-1.5-13b-hf", 40, 5120, 40, 24, -2, tuple(range(24)), 1, has_cls=True)
+SMALL = ModelInfo("small", 6, 32, 4, 4, -1, (1, 3), 4, position_rows=3)
 
 # Parameter names of the official AttnFuserV1 with 2 vision layers, no deep supervision.
 FUSER_KEYS = {"attn_in_proj.weight", "attn_in_proj.bias", "attn_out_projs.1.weight", "attn_out_projs.1.bias"} | {
@@ -36,7 +37,8 @@ FUSER_KEYS = {"attn_in_proj.weight", "attn_in_proj.bias", "attn_out_projs.1.weig
 def _small_config(**changes) -> GlimpseConfig:
     values = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 6, "vision_hidden_size": 24,
               "reduce_layer": 3, "selected_layers": (3,), "le_layers": tuple(range(6)),
-              "selected_visual_layers": (3, 1), "attn_fuse_size": 16, "visual_cond_size": 8, "attn_fuse_num_heads": 2}
+              "selected_visual_layers": (3, 1), "attn_fuse_size": 16, "visual_cond_size": 8, "attn_fuse_num_heads": 2,
+              "has_cls": False, "patches_per_token": 4, "vision_windowed": True}  # SMALL's capabilities
     values.update(changes)
     return GlimpseConfig(**values)
 
@@ -46,7 +48,7 @@ def _stage_inputs(n_side=4, layers=1, heads=4, d_v=24, seed=0, budget_count=None
     n = n_side * n_side
     rc = torch.stack(torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij"), -1).reshape(-1, 2)
     return StageInputs(
-        n_visual=n, n_visual_original=n, grid_hw=(n_side, n_side), token_rc=rc, budget_count=budget_count,
+        n_visual=n, n_visual_original=n, tile_grids=[(n_side, n_side)], token_rc=rc, budget_count=budget_count,
         vision_hidden={b: torch.randn(n, 4, d_v, generator=g) for b in blocks},
         extras={"probe_logits": torch.randn(layers, heads, n, generator=g)},
     )
@@ -209,14 +211,133 @@ def test_llava_uses_log_softmax_features():
     # the normaliser runs over all keys (text too), so it exceeds the image-only logsumexp
     inputs.extras["probe_logsumexp"] = inputs.extras["probe_logits"].logsumexp(-1) + 0.7
     shifted.extras["probe_logsumexp"] = inputs.extras["probe_logsumexp"] + shift[..., 0]
-    for family, invariant in [("llava", True), ("qwen2_5_vl", False)]:
-        model = ModelInfo(family, "small", 6, 32, 4, 5, -2, (1, 3), 1)
+    for has_cls, invariant in [(True, True), (False, False)]:  # the LLaVA port with a CLS tower, else Qwen's
+        model = ModelInfo("small", 6, 32, 4, 5, -2, tuple(range(5)), 1, has_cls=has_cls)
         method = GlimpsePrune(None, allow_untrained=True)
         (spec,) = method.stages(model)
         spec_inputs = {b: inputs.vision_hidden[3] for b in spec.vision_layers}
         inputs.vision_hidden = shifted.vision_hidden = spec_inputs
         same = torch.allclose(method.vip_logits(spec, inputs), method.vip_logits(spec, shifted), atol=1e-5)
         assert same == invariant
+
+
+def test_capabilities_choose_the_port_settings():
+    """No family name: a CLS tower gets the LLaVA port's settings, a windowed one the Qwen port's blocks."""
+    llava, qwen = default_config(LLAVA_7B), default_config(QWEN_7B)
+    assert (llava.use_attention_logits, llava.selected_visual_layers, llava.vision_blocks()) == (
+        False, (23, 17, 11, 5), (22, 16, 10, 4))  # CLIP hidden_states indices, log-softmax features
+    assert (qwen.use_attention_logits, qwen.selected_visual_layers, qwen.vision_blocks()) == (
+        True, (31, 23, 15, 7), (31, 23, 15, 7))  # full-attention ViT blocks, raw logits
+    renamed = ModelInfo("some-vlm", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
+    cfg = default_config(renamed)
+    assert (cfg.use_attention_logits, cfg.vision_blocks()) == (False, (22, 16, 10, 4))
+    assert cfg.reduce_layer == 21  # 2/3 of 32, not looked up: K comes from the name table only
+    assert default_config(ModelInfo("some-vlm", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)).reduce_layer == 19
+    # neither a CLS token nor windows (a Qwen3-VL-like tower): four blocks down from the feature block, raw logits
+    plain = default_config(ModelInfo("plain", 28, 2048, 16, 24, -1, tuple(range(24)), 4, position_rows=3))
+    assert (plain.use_attention_logits, plain.selected_visual_layers, plain.vision_blocks()) == (
+        True, (23, 17, 11, 5), (23, 17, 11, 5))
+    assert (plain.has_cls, plain.patches_per_token, plain.vision_windowed) == (False, 4, False)
+
+
+def test_official_llava_checkpoint_reads_the_llava_port_capabilities(tmp_path):
+    cfg = default_config(ModelInfo("llava-like", 6, 32, 4, 5, -2, tuple(range(5)), 1, vision_hidden_size=24,
+                                   has_cls=True))  # fmt: skip
+    modules = GlimpseModules(cfg).init_untrained(2)
+    modules.save(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key in ("has_cls", "patches_per_token", "vision_windowed"):  # the official file has model_type only
+        raw.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "llava_llama_gp"}))
+    loaded = GlimpseModules.load(tmp_path)
+    assert loaded.cfg == cfg and loaded.cfg.vision_blocks() == (3, 2, 1, 0)
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "mystery"}))
+    with pytest.raises(ValueError, match="not an official GlimpsePrune one"):
+        GlimpseModules.load(tmp_path)
+
+
+@pytest.mark.parametrize(("base_type", "written"), [("qwen2_5_vl", "qwen2_5_vl_gp"), ("llava", "llava_llama_gp"),
+                                                     ("qwen3_vl", "qwen3_vl_gp"), ("llava_llama_gp", "llava_llama_gp")])
+def test_written_checkpoints_carry_capabilities_and_the_callers_model_type(tmp_path, base_type, written):
+    method = GlimpsePrune(None, allow_untrained=True)
+    method.stages(SMALL)
+    method.save_weights(tmp_path / "a", model_type=base_type)
+    raw = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert raw["model_type"] == written
+    assert (raw["has_cls"], raw["patches_per_token"], raw["vision_windowed"]) == (False, 4, True)
+    loaded = GlimpseModules.load(tmp_path / "a")
+    assert loaded.cfg == method._modules.cfg
+    loaded.save(tmp_path / "b")  # the model_type read is kept
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == written
+    # a base config (the trainer's model.config.to_dict()) names the base model_type when none is passed
+    width = method._modules.cfg.vision_hidden_size
+    method._modules.base_config = {"model_type": base_type, "vision_config": {"hidden_size": width}}
+    method.save_weights(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["model_type"] == written
+
+
+def test_untyped_checkpoint_loads_from_its_capability_keys(tmp_path):
+    method = GlimpsePrune(None, allow_untrained=True)
+    method.stages(SMALL)
+    method.save_weights(tmp_path)  # no base config, no model_type given: none written
+    assert "model_type" not in json.loads((tmp_path / "config.json").read_text())
+    assert GlimpseModules.load(tmp_path).cfg == method._modules.cfg
+
+
+def test_weights_for_other_capabilities_are_refused(tmp_path):
+    GlimpseModules(_small_config()).init_untrained(1).save(tmp_path, model_type="qwen2_5_vl")
+    same_sizes_with_cls = ModelInfo("small", 6, 32, 4, 4, -1, tuple(range(4)), 1, has_cls=True)
+    with pytest.raises(ValueError, match="has_cls, patches_per_token, vision_windowed"):
+        GlimpsePrune(None, weights=str(tmp_path)).stages(same_sizes_with_cls)
+    assert GlimpsePrune(None, weights=str(tmp_path)).stages(SMALL)[0].vision_layers == (3, 1)
+
+
+def _tile_inputs(grids, seed=0, layers=1, heads=4, d_v=24, blocks=(3, 1)):
+    g = torch.Generator().manual_seed(seed)
+    rc = torch.cat([torch.stack(torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij"), -1).reshape(-1, 2)
+                    for r, c in grids])  # fmt: skip
+    tile = torch.cat([torch.full((r * c,), t) for t, (r, c) in enumerate(grids)])
+    n = rc.shape[0]
+    return StageInputs(
+        n_visual=n, n_visual_original=n, tile_grids=grids, token_rc=rc, budget_count=None,
+        vision_hidden={b: torch.randn(n, 4, d_v, generator=g) for b in blocks},
+        extras={"probe_logits": torch.randn(layers, heads, n, generator=g)}, token_tile=tile,
+    )
+
+
+def _subset(inputs: StageInputs, keep: torch.Tensor, grids) -> StageInputs:
+    return StageInputs(
+        n_visual=int(keep.numel()), n_visual_original=inputs.n_visual_original, tile_grids=grids,
+        token_rc=inputs.token_rc[keep], budget_count=None,
+        vision_hidden={b: v[keep] for b, v in inputs.vision_hidden.items()},
+        extras={"probe_logits": inputs.extras["probe_logits"][..., keep]},
+        token_tile=None if inputs.token_tile is None else inputs.token_tile[keep] - int(inputs.token_tile[keep].min()),
+    )
+
+
+@pytest.mark.parametrize("attn_fuse_global", [True, False])
+def test_vip_runs_each_tile_on_its_own(tmp_path, attn_fuse_global):
+    """Two tiles of different grids in one sample give each tile the logits it gets alone (attention, windows
+    and RoPE per tile), and the tile comes from token_tile, not from where row/col restart."""
+    modules = GlimpseModules(_small_config(attn_fuse_global=attn_fuse_global)).init_untrained(4)
+    modules.save(tmp_path, model_type="qwen2_5_vl")
+    method = GlimpsePrune(None, weights=str(tmp_path))
+    (spec,) = method.stages(SMALL)
+    grids = [(8, 8), (4, 6)]
+    inputs = _tile_inputs(grids)
+    both = method.vip_logits(spec, inputs)
+    first, second = torch.arange(64), torch.arange(64, 88)
+    alone = [method.vip_logits(spec, _subset(inputs, first, grids[:1])),
+             method.vip_logits(spec, _subset(inputs, second, grids[1:]))]  # fmt: skip
+    torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=0)
+    # tile 1 without its (0, 0) token: still its own group, so tile 0's logits do not move
+    rest = torch.cat([first, second[1:]])
+    dropped = _subset(inputs, rest, grids)
+    dropped.token_tile = inputs.token_tile[rest]
+    torch.testing.assert_close(method.vip_logits(spec, dropped)[:64], both[:64], atol=1e-5, rtol=0)
+    one_group = _subset(inputs, torch.arange(88), grids)
+    one_group.token_tile = None  # every token in tile 0: the tiles now see each other
+    assert not torch.allclose(method.vip_logits(spec, one_group)[:64], both[:64], atol=1e-4)
 
 
 def test_official_layers_and_missing_weights():

@@ -20,17 +20,17 @@ from tokbench.engine import Engine
 from tokbench.metrics import retention_figures
 from tokbench.pruner import Budget, ModelInfo, Stage, StageInputs, build_method
 
-LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
-LLAVA_13B = ModelInfo("llava", "llava-1.5-13b", 40, 5120, 40, 24, -2, tuple(range(24)), 1)
-QWEN_7B = ModelInfo("qwen2_5_vl", "qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)
-TINY = ModelInfo("llava", "tiny", 4, 64, 4, 4, -2, (0, 1, 2, 3), 1)
+LLAVA_7B = ModelInfo("llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
+LLAVA_13B = ModelInfo("llava-1.5-13b", 40, 5120, 40, 24, -2, tuple(range(24)), 1, has_cls=True)
+QWEN_7B = ModelInfo("qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4, position_rows=3)
+TINY = ModelInfo("tiny", 4, 64, 4, 4, -2, (0, 1, 2, 3), 1, has_cls=True)
 
 
 def _inputs(n, n_original, budget_count, attention=None):
     return StageInputs(
         n_visual=n,
         n_visual_original=n_original,
-        grid_hw=(1, n_original),
+        tile_grids=[(1, n_original)],
         token_rc=torch.zeros(n, 2, dtype=torch.long),
         budget_count=budget_count,
         text_attention=attention,

@@ -12,9 +12,9 @@ from methods.sparsevlm import SparseVLM, density_peak_merge, recycled, relevance
 from tokbench.engine import Engine
 from tokbench.pruner import Budget, MethodError, ModelInfo, StageInputs, build_method
 
-LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
-QWEN_7B = ModelInfo("qwen2_5_vl", "qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)
-TINY = ModelInfo("llava", "tiny", 4, 64, 4, 4, -2, (0, 1, 2, 3), 1)
+LLAVA_7B = ModelInfo("llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
+QWEN_7B = ModelInfo("qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4, position_rows=3)
+TINY = ModelInfo("tiny", 4, 64, 4, 4, -2, (0, 1, 2, 3), 1, has_cls=True)
 
 
 def _layer_average(plan, n, layers, n_layers):
@@ -106,7 +106,7 @@ def test_select_keeps_the_most_rated_tokens_and_recycles_the_next_ones():
     method = build_method("sparsevlm", Budget.ratio(0.4))
     spec = method.stages(TINY)[0]
     inputs = StageInputs(
-        n_visual=n, n_visual_original=n, grid_hw=(1, n), token_rc=torch.zeros(n, 2, dtype=torch.long),
+        n_visual=n, n_visual_original=n, tile_grids=[(1, n)], token_rc=torch.zeros(n, 2, dtype=torch.long),
         budget_count=24, hidden_states=hidden, text_attention=attention, generator=torch.Generator().manual_seed(0),
     )
     selected, total = method.plan(n, 24)[0]
@@ -132,7 +132,8 @@ def test_raters_are_the_prompt_tokens_more_relevant_than_average():
     visual, prompt = torch.randn(n, 4, generator=gen), torch.randn(m, 4, generator=gen)
     rows = torch.rand(m, 2, n, generator=gen)
     inputs = StageInputs(
-        n_visual=n, n_visual_original=n, grid_hw=(1, n), token_rc=torch.zeros(n, 2, dtype=torch.long), budget_count=4,
+        n_visual=n, n_visual_original=n, tile_grids=[(1, n)], token_rc=torch.zeros(n, 2, dtype=torch.long),
+        budget_count=4,
         extras={"prompt_attention": rows, "prompt_embeds": prompt, "visual_input_embeds": visual},
     )
     affinity = [0.0] * m

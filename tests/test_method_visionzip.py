@@ -12,8 +12,8 @@ from methods.visionzip import VisionZip, contextual_merge, split_budget, split_p
 from tokbench.engine import Engine
 from tokbench.pruner import Budget, MethodError, ModelInfo, Stage, StageInputs, build_method
 
-LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
-QWEN_7B = ModelInfo("qwen2_5_vl", "qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)
+LLAVA_7B = ModelInfo("llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
+QWEN_7B = ModelInfo("qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4, position_rows=3)
 
 
 def _inputs(hidden, stats, budget, block=-2, rows=None, embeds=None):
@@ -23,7 +23,7 @@ def _inputs(hidden, stats, budget, block=-2, rows=None, embeds=None):
     return StageInputs(
         n_visual=n,
         n_visual_original=n,
-        grid_hw=(rows, n // rows),
+        tile_grids=[(rows, n // rows)],
         token_rc=rc,
         budget_count=budget,
         visual_embeds=embeds,
@@ -55,9 +55,9 @@ def test_stages_use_the_feature_block_and_pick_the_variant_by_capability():
     assert VisionZip(Budget.ratio(0.1), variant="vision").stages(QWEN_7B)[0].vision_layers == (-1,)
     assert VisionZip(Budget.ratio(0.1), variant="llm").stages(LLAVA_7B)[0].vision_layers == ()
     # no family check: any tower with several patches per token gets the port
-    other = ModelInfo("other", "x", 4, 64, 4, 4, -1, (3,), 4)
+    other = ModelInfo("x", 4, 64, 4, 4, -1, (3,), 4)
     assert VisionZip(Budget.ratio(0.1)).stages(other)[0].vision_layers == ()
-    windowed = ModelInfo("other", "x", 4, 64, 4, 4, -1, (1, 2), 4)
+    windowed = ModelInfo("x", 4, 64, 4, 4, -1, (1, 2), 4)
     with pytest.raises(ValueError, match="window attention"):
         VisionZip(Budget.ratio(0.1)).stages(windowed)
     # bad arguments are refused when the method is built, before any model loads
@@ -240,9 +240,10 @@ def test_qwen_port_feeds_the_merged_llm_space_states_to_layer_0():
         (visual,) = adapter.encode_images(batch, spec.vision_layers, spec.vision_attention)
         adapter.vision_attention([visual])
     n = visual.embeds.shape[0]
-    rows, cols = visual.grid_hw
+    (tile,) = visual.tiles
+    rows, cols = tile.grid
     rc = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
-    inputs = StageInputs(n, n, visual.grid_hw, rc, 16, visual_embeds=visual.embeds, extras=dict(visual.extras))
+    inputs = StageInputs(n, n, [tile.grid], rc, 16, visual_embeds=visual.embeds, extras=dict(visual.extras))
     decision = method.select(spec, inputs)
     seen = []
     hook = adapter.layers[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(

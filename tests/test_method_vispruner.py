@@ -10,8 +10,8 @@ from methods.vispruner import VisPruner, remove_duplicates
 from tokbench.engine import Engine
 from tokbench.pruner import Budget, MethodError, ModelInfo, Stage, StageInputs, build_method
 
-LLAVA_7B = ModelInfo("llava", "llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1)
-QWEN_7B = ModelInfo("qwen2_5_vl", "qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4)
+LLAVA_7B = ModelInfo("llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
+QWEN_7B = ModelInfo("qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4, position_rows=3)
 
 
 def _reference(features, importance, total, ratio):
@@ -34,7 +34,7 @@ def _inputs(importance, hidden, total, cls=True, block=-2):
     n = importance.shape[0]
     stats = {"cls": importance.expand(3, n)} if cls else {"received": importance}
     return StageInputs(
-        n_visual=n, n_visual_original=n, grid_hw=(1, n), token_rc=torch.zeros(n, 2, dtype=torch.long),
+        n_visual=n, n_visual_original=n, tile_grids=[(1, n)], token_rc=torch.zeros(n, 2, dtype=torch.long),
         budget_count=total, vision_hidden={block: hidden}, visual_embeds=hidden.mean(dim=1),
         extras={"vision_attention": {block: stats}},
     )
@@ -75,7 +75,7 @@ def test_stages_follow_the_feature_block_and_capabilities():
     qwen = VisPruner(Budget.tokens(128)).stages(QWEN_7B)[0]
     assert (qwen.vision_layers, qwen.vision_attention) == ((), (-1,))  # u = 4: projected tokens compared
     assert VisPruner(Budget.tokens(128), features="vision").stages(QWEN_7B)[0].vision_layers == (-1,)
-    windowed = ModelInfo("qwen2_5_vl", "x", 28, 3584, 28, 32, -2, (7, 15, 23, 31), 4)
+    windowed = ModelInfo("x", 28, 3584, 28, 32, -2, (7, 15, 23, 31), 4, position_rows=3)
     with pytest.raises(MethodError, match="window attention"):
         VisPruner(Budget.tokens(128)).stages(windowed)
     with pytest.raises(MethodError, match="important_ratio"):
