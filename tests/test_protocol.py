@@ -71,7 +71,7 @@ def test_methods_accept_no_budget_and_keep_every_token(name):
     args = {"cdpruner": {"relevance": "embeds"}}.get(name, {})
     method = build_method(name, None, args)
     n = 64
-    inputs = StageInputs(n, n, (8, 8), torch.zeros(n, 2, dtype=torch.long), budget_count(method.budget, n))
+    inputs = StageInputs(n, n, [(8, 8)], torch.zeros(n, 2, dtype=torch.long), budget_count(method.budget, n))
     for spec in plan_stages(method, TINY_QWEN):
         assert method.stage_count(spec, inputs) == n
 

@@ -47,9 +47,9 @@ def test_vision_statistics_are_selection_time(adapter, monkeypatch):
 
 
 def test_attention_rows_are_selection_time(adapter, monkeypatch):
-    import tokbench.engine as engine_module
+    import tokbench.stages as stages_module
 
-    _slow(monkeypatch, engine_module, "attention_row")
+    _slow(monkeypatch, stages_module, "attention_row")
     ms = _timings(Engine(adapter, build_method("fastv", Budget.ratio(0.5), {"k": "1"})))
     assert ms["select"] >= 60.0 and ms["prefill"] < 60.0
 

@@ -41,7 +41,7 @@ def deep_tower_qwen(max_tokens: int = 16384) -> ModelAdapter:
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from tokbench.models.qwen2_5_vl import Qwen25VLAdapter
+    from tokbench.models.families.qwen2_5_vl import Qwen25VLAdapter
     from tokbench.models.tiny import qwen_processor, qwen_token_ids
 
     processor, ids = qwen_processor(max_pixels=max_tokens * 28 * 28)
