@@ -34,12 +34,14 @@ import torch.nn.functional as F
 
 from tokbench.pruner import (
     Budget,
+    BudgetError,
     KeepDecision,
     MethodError,
     ModelInfo,
     Stage,
     StageInputs,
     StageSpec,
+    fixed_ratio,
     is_dynamic,
     register_method,
 )
@@ -114,6 +116,14 @@ class DART:
             raise MethodError(f"dart: k={self.k} must lie in 1..{model.n_layers - 1} for a {model.n_layers}-layer model")
         if self.pivot_image < 1 or self.pivot_text < 0:
             raise MethodError(f"dart: pivot_image={self.pivot_image} must be >= 1 and pivot_text={self.pivot_text} >= 0")
+        ratio = fixed_ratio(self.budget)
+        if ratio is not None and ratio <= self.k / model.n_layers:
+            reach = [k for k in range(1, model.n_layers) if ratio > k / model.n_layers]
+            hint = f"pass --method-arg k={max(reach)}" if reach else "pass a larger --ratio"
+            raise BudgetError(
+                f"dart: layer-averaged retention {ratio:g} is unreachable with k={self.k} of {model.n_layers} layers "
+                f"(the first k layers keep every token: > {self.k / model.n_layers:.4g}); {hint}"
+            )
         self._n_layers = model.n_layers
         return [StageSpec(Stage.LLM, layer=self.k - 1, attention_from="none", prompt_context=True)]
 

@@ -34,12 +34,14 @@ import torch
 
 from tokbench.pruner import (
     Budget,
+    BudgetError,
     KeepDecision,
     MethodError,
     ModelInfo,
     Stage,
     StageInputs,
     StageSpec,
+    fixed_ratio,
     is_dynamic,
     register_method,
 )
@@ -109,6 +111,13 @@ class SparseVLM:
         layers = sorted({min(round(l * model.n_layers / 32), model.n_layers - 2) for l in OFFICIAL_LAYERS})
         if self.counts and len(self._counts()) != len(layers):
             raise MethodError(f"sparsevlm: counts={self.counts!r} needs {len(layers)} values, one per sparse layer")
+        ratio = fixed_ratio(self.budget)
+        floor = (layers[0] + 1) / model.n_layers  # layers 0..first sparse layer keep every token
+        if ratio is not None and ratio <= floor:
+            raise BudgetError(
+                f"sparsevlm: layer-averaged retention {ratio:g} is unreachable on {model.n_layers} layers: layers "
+                f"0..{layers[0]} keep every token (> {floor:.4g}); pass a larger --ratio"
+            )
         self._layers = layers
         self._n_layers = model.n_layers
         return [StageSpec(Stage.LLM, layer=layer, attention_from="none", prompt_context=True) for layer in layers]

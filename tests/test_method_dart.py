@@ -10,7 +10,7 @@ from conftest import noise_image, tiny_adapter
 
 from methods.dart import DART, duplication_select, kept_after, quotas
 from tokbench.engine import Engine
-from tokbench.pruner import Budget, MethodError, ModelInfo, Stage, StageInputs, build_method
+from tokbench.pruner import Budget, BudgetError, MethodError, ModelInfo, Stage, StageInputs, build_method, plan_stages
 
 LLAVA_7B = ModelInfo("llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
 TINY = ModelInfo("tiny", 4, 64, 4, 4, -2, (0, 1, 2, 3), 1, has_cls=True)
@@ -119,3 +119,10 @@ def test_engine_keeps_every_token_before_k_and_the_count_after(family):
     after = kept_after(round(0.5 * n), n, 4, 1)
     assert sample.kept_per_layer == [n, after, after, after]
     assert sample.n_kept_input == n
+
+
+def test_unreachable_ratio_is_refused_before_loading_with_a_working_k():
+    deep = ModelInfo("deep", 12, 64, 4, 4, -1, (1, 3), 4, position_rows=3)
+    with pytest.raises(BudgetError, match=r"0\.1 is unreachable with k=2 of 12 layers .* pass --method-arg k=1"):
+        plan_stages(build_method("dart", Budget.ratio(0.1)), deep)
+    assert plan_stages(build_method("dart", Budget.ratio(0.1), {"k": "1"}), deep)[0].layer == 0

@@ -10,7 +10,7 @@ from conftest import noise_image, tiny_adapter
 
 from methods.sparsevlm import SparseVLM, density_peak_merge, recycled, relevance, split_total
 from tokbench.engine import Engine
-from tokbench.pruner import Budget, MethodError, ModelInfo, StageInputs, build_method
+from tokbench.pruner import Budget, BudgetError, MethodError, ModelInfo, StageInputs, build_method, plan_stages
 
 LLAVA_7B = ModelInfo("llava-1.5-7b", 32, 4096, 32, 24, -2, tuple(range(24)), 1, has_cls=True)
 QWEN_7B = ModelInfo("qwen2.5-vl-7b", 28, 3584, 28, 32, -1, (7, 15, 23, 31), 4, position_rows=3)
@@ -58,7 +58,7 @@ def test_budget_schedule_meets_the_layer_average(n, budget):
 
 
 def test_unreachable_budget_is_refused():
-    method = SparseVLM(Budget.ratio(0.2))
+    method = SparseVLM(Budget.tokens(20))  # a count: checked per image (a ratio is refused in stages)
     method.stages(TINY)
     with pytest.raises(MethodError, match="unreachable"):
         method.plan(100, 20)  # layer 0 alone keeps 100 of the 4 layers' average
@@ -156,3 +156,10 @@ def test_engine_follows_the_plan(family):
     n = sample.n_visual
     totals = [t for _, t in method.plan(n, round(0.4 * n))]
     assert sample.kept_per_layer == [n, *totals]
+
+
+def test_unreachable_ratio_is_refused_before_loading():
+    deep = ModelInfo("deep", 12, 64, 4, 4, -1, (1, 3), 4, position_rows=3)
+    with pytest.raises(BudgetError, match=r"0\.1 is unreachable on 12 layers: layers 0\.\.1 keep every token"):
+        plan_stages(build_method("sparsevlm", Budget.ratio(0.1)), deep)
+    assert len(plan_stages(build_method("sparsevlm", Budget.ratio(0.25)), deep)) == 3
