@@ -67,8 +67,9 @@ DEFAULT_WEIGHTS = (  # (pattern in ModelInfo.name, hub ids to try), from the off
     # the README links "_LLaVA"; the hub pages seen are "-LLaVA": try both
     (r"llava-v?1\.5-7b", ("ashun989/GlimpsePrune_LLaVA-1.5-7B", "ashun989/GlimpsePrune-LLaVA-1.5-7B")),
     (r"llava-v?1\.5-13b", ("ashun989/GlimpsePrune_LLaVA-1.5-13B", "ashun989/GlimpsePrune-LLaVA-1.5-13B")),
-    # the trained Qwen canary (tokbench train-glimpse; docs/canary.md), shipped in the package
+    # the trained Qwen canaries (tokbench train-glimpse; docs/canary.md), shipped in the package
     (r"^tiny-qwen2\.5-vl$", (str(glimpse_weights_dir("tiny-qwen2.5-vl")),)),
+    (r"^tiny-qwen2\.5-vl-deep$", (str(glimpse_weights_dir("tiny-qwen2.5-vl-deep")),)),
 )
 OFFICIAL_LAYER = (  # (pattern in ModelInfo.name, K), from the official train configs
     (r"qwen2\.5-vl-3b", 23),

@@ -8,7 +8,7 @@ from conftest import noise_image, tiny_adapter
 from PIL import Image
 
 from tokbench.pruner import Budget
-from tokbench.show import draw, run_methods, tiles_view
+from tokbench.show import GAP_PX, draw, run_methods, tile_view, tiles_view
 
 
 def _dimmed_cells(view: Image.Image, reference: Image.Image, grid) -> int:
@@ -44,3 +44,21 @@ def test_tiles_follow_each_familys_processor():
     (tile,) = llava.token_tiles(image)
     assert tile.grid == (8, 8) and tile.box == (56, 0, 392, 336)  # the processor's centre square
     assert tiles_view(image, [tile], np.ones(64, dtype=bool)).size == (8 * 42, 8 * 42)
+
+
+def test_tiled_image_overlay_dims_exactly_the_pruned_cells_of_every_tile():
+    adapter = tiny_adapter("tiny-internvl3")
+    image = Image.fromarray(np.full((112, 260, 3), 200, dtype=np.uint8))  # wide: several tiles + thumbnail
+    tiles = adapter.token_tiles(image)
+    assert len(tiles) > 2 and tiles[-1].box == (0, 0, 260, 112)  # tiles, then the thumbnail over all of it
+    n = sum(t.n_tokens for t in tiles)
+    full, random = run_methods(adapter, image, "q?", ["full", "random"], Budget.tokens(10), max_new_tokens=1)
+    reference = tiles_view(image, tiles, np.ones(n, dtype=bool))
+    assert full["view"].size == reference.size
+    dimmed, left = 0, 0
+    for tile in tiles:  # each tile's panel, left to right
+        view = tile_view(image, tile)
+        box = (left, 0, left + view.width, view.height)
+        dimmed += _dimmed_cells(random["view"].crop(box), reference.crop(box), tile.grid)
+        left += view.width + GAP_PX
+    assert dimmed == n - 10 and random["kept"] == 10
