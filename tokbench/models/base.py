@@ -120,6 +120,19 @@ class ModelAdapter(ABC):
     def info_from_config(cls, config, name: str) -> ModelInfo:
         """The facts a method may use, from the transformers config alone (checked before weights load)."""
 
+    @classmethod
+    def _info(cls, config, name: str, **vision_facts) -> ModelInfo:
+        """`ModelInfo` with the LLM's facts from ``config``'s text config and the family's vision facts."""
+        text = config.get_text_config()
+        return ModelInfo(
+            name=name,
+            n_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            n_heads=text.num_attention_heads,
+            position_rows=cls.position_rows,
+            **vision_facts,
+        )
+
     def info(self) -> ModelInfo:
         return self.info_from_config(self.model.config, self.name)
 
@@ -145,9 +158,10 @@ class ModelAdapter(ABC):
 
     # --- the language model -------------------------------------------------------------------
     @property
-    @abstractmethod
     def text_model(self) -> torch.nn.Module:
-        """The decoder stack: ``.embed_tokens``, ``.layers``, ``.norm``, ``.rotary_emb``."""
+        """The decoder stack: ``.embed_tokens``, ``.layers``, ``.norm``, ``.rotary_emb`` (where transformers
+        puts it in every VLM it ships: ``model.model.language_model``)."""
+        return self.model.model.language_model
 
     @property
     def layers(self) -> torch.nn.ModuleList:

@@ -12,7 +12,6 @@ function), so the two cannot differ. The configuration comes from:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokbench.models import ModelError, adapter_class, check_checkpoint_dir, family_names, resolve_model

@@ -17,7 +17,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "canary"
 

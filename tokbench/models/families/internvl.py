@@ -107,10 +107,6 @@ class InternVLAdapter(ModelAdapter):
     }
 
     @property
-    def text_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
 
@@ -126,13 +122,11 @@ class InternVLAdapter(ModelAdapter):
     def info_from_config(cls, config, name: str) -> ModelInfo:
         """``tiles_per_image``: the released processors' 12 tiles plus the thumbnail (the limit lives in the
         processor, not in the config)."""
-        text, vision = config.get_text_config(), config.vision_config
+        vision = config.vision_config
         depth = vision.num_hidden_layers
-        return ModelInfo(
-            name=name,
-            n_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            n_heads=text.num_attention_heads,
+        return cls._info(
+            config,
+            name,
             vision_depth=depth,
             vision_feature_layer=config.vision_feature_layer,
             vision_full_attention=tuple(range(depth)),
@@ -140,7 +134,6 @@ class InternVLAdapter(ModelAdapter):
             vision_hidden_size=vision.hidden_size,
             has_cls=True,
             tiles_per_image=MAX_TILES + 1,
-            position_rows=cls.position_rows,
         )
 
     @classmethod

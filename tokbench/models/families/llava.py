@@ -26,10 +26,6 @@ class LlavaAdapter(ModelAdapter):
     hub_configs = {"llava-hf/llava-1.5-7b-hf": "llava-1.5-7b", "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b"}
 
     @property
-    def text_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
     def _patch(self) -> int:
         return self.model.config.vision_config.patch_size
 
@@ -39,20 +35,17 @@ class LlavaAdapter(ModelAdapter):
 
     @classmethod
     def info_from_config(cls, config, name: str) -> ModelInfo:
-        text, vision = config.get_text_config(), config.vision_config
+        vision = config.vision_config
         depth = vision.num_hidden_layers
-        return ModelInfo(
-            name=name,
-            n_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            n_heads=text.num_attention_heads,
+        return cls._info(
+            config,
+            name,
             vision_depth=depth,
             vision_feature_layer=config.vision_feature_layer,
             vision_full_attention=tuple(range(depth)),
             patches_per_token=1,
             vision_hidden_size=vision.hidden_size,
             has_cls=True,
-            position_rows=cls.position_rows,
         )
 
     @classmethod

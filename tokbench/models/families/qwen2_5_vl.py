@@ -28,10 +28,6 @@ class Qwen25VLAdapter(ModelAdapter):
     hub_configs = {"Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b"}
 
     @property
-    def text_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.visual
 
@@ -42,18 +38,15 @@ class Qwen25VLAdapter(ModelAdapter):
 
     @classmethod
     def info_from_config(cls, config, name: str) -> ModelInfo:
-        text, vision = config.get_text_config(), config.vision_config
-        return ModelInfo(
-            name=name,
-            n_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            n_heads=text.num_attention_heads,
+        vision = config.vision_config
+        return cls._info(
+            config,
+            name,
             vision_depth=vision.depth,
             vision_feature_layer=-1,
             vision_full_attention=tuple(vision.fullatt_block_indexes),
             patches_per_token=vision.spatial_merge_size**2,
             vision_hidden_size=vision.hidden_size,
-            position_rows=cls.position_rows,
         )
 
     @classmethod

@@ -78,18 +78,15 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     @classmethod
     def info_from_config(cls, config, name: str) -> ModelInfo:
         """Every vision block attends over the whole image; the merger reads the last block (-1)."""
-        text, vision = config.get_text_config(), config.vision_config
-        return ModelInfo(
-            name=name,
-            n_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            n_heads=text.num_attention_heads,
+        vision = config.vision_config
+        return cls._info(
+            config,
+            name,
             vision_depth=vision.depth,
             vision_feature_layer=-1,
             vision_full_attention=tuple(range(vision.depth)),
             patches_per_token=vision.spatial_merge_size**2,
             vision_hidden_size=vision.hidden_size,
-            position_rows=cls.position_rows,
         )
 
     @classmethod
