@@ -321,7 +321,7 @@ def test_prompt_context_matches_the_layers_own_attention(adapter):
     import torch as _torch
 
     from tokbench.engine import Engine
-    from tokbench.pruner import Budget, KeepDecision, Stage, StageSpec
+    from tokbench.pruner import KeepDecision, Stage, StageSpec
 
     @_dataclass
     class Recorder:
