@@ -238,7 +238,9 @@ def test_bad_timeout_or_budget_is_a_usage_error(key, value):
 
 
 _INTERRUPTIBLE = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when the test runs as a background job
 from tokbench.judge import JudgeConfig, JudgeInterrupted, build_judge, judge_run
 run_dir, url, cache = sys.argv[1:]
 judge = build_judge(JudgeConfig(judge=url, model="m-" + cache[-8:], timeout=600), cache_root=cache)
