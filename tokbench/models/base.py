@@ -281,9 +281,12 @@ class ModelAdapter(ABC):
         (`tokbench.metrics.vision_block_flops` per block, plus patch embedding and projector); an image
         costs the sum over its tiles."""
 
-    @abstractmethod
     def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
-        """The unpruned position ids (P, b, L) the model itself would use for this batch."""
+        """The unpruned position ids (P, b, L) the model itself would use for this batch. Default, for 1-D
+        RoPE families (P = 1): ``0..`` over each sample's non-padding tokens (0 on padding), as ``generate``
+        makes them; M-RoPE families override it with the model's own rope index."""
+        positions = batch.attention_mask.long().cumsum(-1) - 1
+        return positions.clamp(min=0)[None]
 
     @abstractmethod
     def token_tiles(self, image: Image.Image) -> list[Tile]:
@@ -309,6 +312,22 @@ class ModelAdapter(ABC):
             "attn_implementation": self.model.config._attn_implementation,
             "n_layers": self.n_layers,
         }
+
+
+def downsampled_side(images: list[list[Image.Image]]) -> int | None:
+    """The one side (px) that `ModelAdapter.resize_to_tokens` shrank every image of a batch to
+    (``info["tokbench_side"]``), None when it shrank none; ValueError when the batch mixes sizes, since a
+    fixed-size tower takes one input size per call."""
+    sides = {img.info.get("tokbench_side") for imgs in images for img in imgs}
+    if sides == {None}:
+        return None
+    if len(sides) != 1:
+        raise ValueError(
+            "a batch mixes images downsampled to different sizes, or with full-size ones (the tower takes one "
+            "size per call); use one budget per batch, or downsample with batch size 1"
+        )
+    (side,) = sides
+    return side
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from tokbench.models import tiny
-from tokbench.models.base import ModelAdapter, PreparedBatch, Tile, VisualTokens, capture_blocks
+from tokbench.models.base import ModelAdapter, PreparedBatch, Tile, VisualTokens, capture_blocks, downsampled_side
 from tokbench.pruner import ModelInfo
 
 MAX_TILES = 12  # the released -hf processors' max_patches (preprocessor_config.json); the thumbnail comes on top
@@ -247,15 +247,9 @@ class InternVLAdapter(ModelAdapter):
     def preprocess(self, images: list[list[Image.Image]], questions: list[str]) -> PreparedBatch:
         """As the base class; images shrunk below one tile by `resize_to_tokens` are fed as one tile of their
         own size (the processor's tile size and tokens per tile set to it for the call)."""
-        sides = {img.info.get("tokbench_side") for imgs in images for img in imgs}
-        if sides == {None}:
+        side = downsampled_side(images)
+        if side is None:
             return super().preprocess(images, questions)
-        if len(sides) != 1:
-            raise ValueError(
-                "a batch mixes images shrunk below one tile to different sizes, or with full-size ones (the tower "
-                "takes one tile size per call); downsample with batch size 1"
-            )
-        (side,) = sides
         ip, processor = self.processor.image_processor, self.processor
         saved = (ip.size, processor.image_seq_length)
         ip.size = {"height": side, "width": side}
@@ -340,11 +334,6 @@ class InternVLAdapter(ModelAdapter):
         block = vision_block_flops(length, vision.hidden_size, vision.intermediate_size, 2, length**2)
         projector = 2 * tokens * (unit * vision.hidden_size * text.hidden_size + text.hidden_size**2)
         return float(embed + vision.num_hidden_layers * block + projector)
-
-    def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
-        """(1, b, L): ``0..`` over each sample's non-padding tokens (0 on padding), as ``generate`` makes them."""
-        positions = batch.attention_mask.long().cumsum(-1) - 1
-        return positions.clamp(min=0)[None]
 
 
 ADAPTER = InternVLAdapter

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from tokbench.models import tiny
-from tokbench.models.base import ModelAdapter, PreparedBatch, Tile, VisualTokens, capture_blocks
+from tokbench.models.base import ModelAdapter, PreparedBatch, Tile, VisualTokens, capture_blocks, downsampled_side
 from tokbench.pruner import ModelInfo
 
 
@@ -123,12 +123,9 @@ class LlavaAdapter(ModelAdapter):
 
     def preprocess(self, images: list[list[Image.Image]], questions: list[str]) -> PreparedBatch:
         """As the base class; images downsampled by `resize_to_tokens` keep their reduced size."""
-        sides = {img.info.get("tokbench_side") for imgs in images for img in imgs}
-        if sides == {None}:
+        side = downsampled_side(images)
+        if side is None:
             return super().preprocess(images, questions)
-        if len(sides) != 1:
-            raise ValueError("a batch mixes downsampled and full-size images; use one budget per batch")
-        (side,) = sides
         ip = self.processor.image_processor
         saved = (ip.size, ip.crop_size)
         ip.size, ip.crop_size = {"shortest_edge": side}, {"height": side, "width": side}
@@ -196,10 +193,6 @@ class LlavaAdapter(ModelAdapter):
         block = vision_block_flops(length, vision.hidden_size, vision.intermediate_size, 2, length**2)
         projector = 2 * patches * (vision.hidden_size * text.hidden_size + text.hidden_size**2)
         return float(embed + vision.num_hidden_layers * block + projector)
-
-    def initial_position_ids(self, batch: PreparedBatch) -> torch.Tensor:
-        positions = batch.attention_mask.long().cumsum(-1) - 1
-        return positions.clamp(min=0)[None]
 
 
 ADAPTER = LlavaAdapter
