@@ -14,7 +14,7 @@ from tokbench.config import load_config
 from tokbench.models import load_model
 from tokbench.models.tiny import canary_weights, ensure_tiny, tiny_families
 from tokbench.synth.vstar import COLORS
-from tokbench.train.canary import CanaryConfig, curriculum, draw_batch, train, where_item
+from tokbench.train.canary import CanaryConfig, curriculum, draw_batch, locate_item, train, where_item
 
 
 def test_a_few_training_steps_make_the_loss_fall():
@@ -49,6 +49,38 @@ def test_where_items_name_the_half_that_holds_the_named_square():
         assert abs(centre - extent / 2) > (box[2] - box[0]) / 2  # never ambiguous
         pixels = np.asarray(image)[box[1] + 2, box[0] + 2]
         assert tuple(pixels) == COLORS[color]  # the named square is drawn where the row says
+
+
+def test_locate_items_name_the_half_that_holds_the_one_square():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        row, image = locate_item(rng, 224, 64)
+        (box,) = row["bboxes"]
+        horizontal = "left or right" in row["text"]
+        axis, extent = (0, image.size[0]) if horizontal else (1, image.size[1])
+        centre = (box[axis] + box[axis + 2]) / 2
+        assert row["label"] == ("A" if centre < extent / 2 else "B") and abs(centre - extent / 2) > 12
+        assert not any(c in row["text"] for c in COLORS) and row["category"] == "locate"
+        assert tuple(np.asarray(image)[box[1] + 2, box[0] + 2]) == COLORS[row["colors"][0]]
+        seen.add((horizontal, row["label"]))
+    assert len(seen) == 4  # both axes, both answers
+
+
+def test_locate_share_splits_the_auxiliary_items():
+    _, questions, _ = draw_batch(np.random.default_rng(0), 8, 224, 52, CanaryConfig(where_share=1.0, locate_share=1.0))
+    assert all(q.startswith("Is the square") for q in questions)
+    _, questions, _ = draw_batch(np.random.default_rng(0), 8, 224, 52, CanaryConfig(where_share=1.0, locate_share=0.0))
+    assert not any(q.startswith("Is the square") for q in questions)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--warm", "0.9", "--settle", "0.5"], "--warm < --settle"), (["--locate-share", "1.5"], "--locate-share is a share")],
+)
+def test_train_canary_refuses_a_bad_schedule_before_loading(args, message):
+    result = CliRunner().invoke(app, ["train-canary", "--model", "tiny-llava", "--steps", "1", *args])
+    assert result.exit_code == 2 and message in result.output
 
 
 def test_training_batches_mix_in_where_items_but_held_out_items_do_not():

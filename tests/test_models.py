@@ -52,3 +52,23 @@ def test_random_weights_names():
     }
     with pytest.raises(ValueError, match="no shipped config"):
         config_name("tiny-llava", "tiny:tiny-llava")
+
+
+def test_sincos_positions_encode_column_then_row():
+    from tokbench.models.tiny import sincos_positions
+
+    table = sincos_positions(4, 16).reshape(4, 4, 16)  # (row, col, d)
+    assert torch.equal(table[0, :, :8], table[3, :, :8])  # first half: the column only
+    assert torch.equal(table[:, 0, 8:], table[:, 3, 8:])  # second half: the row only
+    assert torch.allclose(table[..., :4] ** 2 + table[..., 4:8] ** 2, torch.ones(4, 4, 4))  # sin, cos pairs
+    assert torch.equal(table[0, 0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))
+    assert torch.allclose(table[0, 1, 0], torch.sin(torch.tensor(1.0)))  # frequency 1 rad per patch first
+    assert len({tuple(v.tolist()) for v in table.reshape(16, 16)}) == 16
+
+
+def test_tiny_llava_tower_starts_from_the_sincos_table():
+    from tokbench.models.tiny import sincos_positions
+
+    adapter = load_model(str(ensure_tiny("tiny-llava-random")), {}, dtype="float32", device="cpu")
+    table = adapter.model.model.vision_tower.embeddings.position_embedding.weight
+    assert torch.equal(table[0], torch.zeros(32)) and torch.allclose(table[1:], sincos_positions(16, 32))

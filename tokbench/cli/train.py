@@ -19,6 +19,10 @@ def train_canary(
     seed: Annotated[int, typer.Option(help="Seed of the data stream and the optimizer.")] = 0,
     start_size: Annotated[int, typer.Option(help="Curriculum: image long side (px) at first; grows to 448.")] = 224,
     start_side: Annotated[int, typer.Option(help="Curriculum: square side (px) at first; shrinks to 32.")] = 64,
+    warm: Annotated[float, typer.Option(help="Curriculum: share of the steps at the start size and side.")] = 0.65,
+    settle: Annotated[float, typer.Option(help="Curriculum: share of the steps after which items follow the task (> --warm).")] = 0.9,
+    where_share: Annotated[float, typer.Option(help="Share of auxiliary items (\"is the <colour> square on the left or right?\").")] = 0.35,
+    locate_share: Annotated[float, typer.Option(help="Share of the auxiliary items that ask about one square, no colour named.")] = 0.0,
     init: Annotated[
         Optional[Path], typer.Option("--init", help="Continue from these weights (safetensors) instead of the random init.")
     ] = None,
@@ -40,6 +44,11 @@ def train_canary(
 
     if model not in tiny_families():
         c.fail(f"train-canary trains {', '.join(sorted(tiny_families()))}, not {model!r}", 2)
+    if not 0 <= warm < settle <= 1:
+        c.fail(f"need 0 <= --warm < --settle <= 1, got --warm {warm} --settle {settle}", 2)
+    for flag, share in (("--where-share", where_share), ("--locate-share", locate_share)):
+        if not 0 <= share <= 1:
+            c.fail(f"{flag} is a share in [0, 1], got {share}", 2)
     if output is not None:
         c.writable_dir(output.parent)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -48,8 +57,8 @@ def train_canary(
         from safetensors.torch import load_model as load_weights
 
         load_weights(adapter.model, str(init))
-    cfg = CanaryConfig(model=model, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                       start_size=start_size, start_side=start_side)  # fmt: skip
+    cfg = CanaryConfig(model=model, steps=steps, batch_size=batch_size, lr=lr, seed=seed, start_size=start_size,
+                       start_side=start_side, warm=warm, settle=settle, where_share=where_share, locate_share=locate_share)  # fmt: skip
     result = train(adapter, cfg, log=c.out().print)
     path = save_weights(adapter, output or ASSETS / f"{model}.safetensors")
     acc, nan = result["accuracy"], float("nan")

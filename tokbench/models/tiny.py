@@ -138,6 +138,21 @@ def llava_token_ids(ids: dict[str, int]) -> dict[str, int]:
     return dict(image_token_id=ids["<image>"], pad_token_id=ids["<pad>"])
 
 
+def sincos_positions(grid: int, width: int):
+    """A 2-D sin-cos position table for a ``grid`` x ``grid`` patch grid, row-major: (grid*grid, width).
+
+    The first half of the channels encodes the column, the second the row, each as sines then cosines at
+    ``width // 4`` frequencies ``100 ** (-i / (width // 4))`` (rad per patch).
+    """
+    import torch
+
+    quarter = width // 4
+    omega = 100.0 ** (-torch.arange(quarter) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    angles = [axis.reshape(-1, 1).float() * omega for axis in (cols, rows)]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+
+
 def with_weights(model, weights: Path | None):
     """``model`` with the state dict in ``weights`` (a safetensors file) loaded strictly, if given."""
     if weights is not None:
@@ -147,7 +162,7 @@ def with_weights(model, weights: Path | None):
     return model
 
 
-BUILD_VERSION = 3  # part of the cache directory's name: bump whenever a builder's config or tokenizer changes
+BUILD_VERSION = 4  # part of the cache directory's name: bump whenever a builder's config or tokenizer changes
 
 
 def tiny_families() -> dict[str, tuple[type, dict]]:

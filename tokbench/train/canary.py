@@ -44,6 +44,7 @@ class CanaryConfig:
     warm: float = 0.65  # fraction of steps at the start size and side
     settle: float = 0.9  # fraction of steps after which items follow the evaluation distribution
     where_share: float = 0.35  # auxiliary "which half of the image holds the <colour> square?" items
+    locate_share: float = 0.0  # share of those that are `locate_item`s instead (one square, no colour named)
     relative_share: float = 0.5  # relative-position share of the other items (the evaluation set: 0.4)
     eval_items: int = 64
 
@@ -111,11 +112,35 @@ def where_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | Non
     return {**row, "text": f"{question}\n(A) {words[0]}\n(B) {words[1]}", "label": label, "category": "where"}, image
 
 
+def locate_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | None = None) -> tuple[dict, Image.Image]:
+    """A training-only step before `where_item`: one square (a direct-attributes layout), asked "Is the
+    square on the left or right side of the image?" (or in the upper or lower half), its centre never
+    within 12 px of the middle. It needs a position read out and nothing bound to a colour word; the
+    LLaVA canary learns it first (docs/canary.md).
+    """
+    width, height = (sizes := _image_sizes((size, size)))[int(rng.integers(len(sizes)))]
+    horizontal = rng.random() < 0.5
+    axis = 0 if horizontal else 1
+    while True:
+        row, image = draw_item(rng, "direct_attributes", int(rng.integers(len(LETTERS))), width, height, side)
+        centre, extent = (row["bbox"][axis] + row["bbox"][axis + 2]) / 2, (width, height)[axis]
+        if abs(centre - extent / 2) > 12:
+            break
+    question, words = (
+        ("Is the square on the left or right side of the image?", ("left", "right"))
+        if horizontal
+        else ("Is the square in the upper or lower half of the image?", ("upper", "lower"))
+    )
+    label = LETTERS[0] if centre < extent / 2 else LETTERS[1]
+    return {**row, "text": f"{question}\n(A) {words[0]}\n(B) {words[1]}", "label": label, "category": "locate"}, image
+
+
 def training_item(rng: np.random.Generator, cfg: CanaryConfig, size: int, side: int) -> tuple[dict, Image.Image]:
-    """One training item: a `where_item` with probability ``cfg.where_share``, else a vstar-synth item
-    with ``cfg.relative_share`` relative-position questions."""
+    """One training item: an auxiliary item with probability ``cfg.where_share`` (a `locate_item` with
+    probability ``cfg.locate_share``, else a `where_item`), else a vstar-synth item with
+    ``cfg.relative_share`` relative-position questions."""
     if rng.random() < cfg.where_share:
-        return where_item(rng, size, side)
+        return locate_item(rng, size, side) if rng.random() < cfg.locate_share else where_item(rng, size, side)
     return random_item(rng, size, side, cfg.relative_share)
 
 

@@ -50,10 +50,16 @@ class LlavaAdapter(ModelAdapter):
 
     @classmethod
     def build_tiny(cls, path: Path, seed: int = 0, weights: Path | None = None) -> Path:
-        """A tiny LLaVA-1.5 (CLIP ViT 4 layers at 112 px -> 64 patches; Llama 4 layers of width 64)."""
+        """A tiny LLaVA-1.5 (CLIP ViT 4 layers at 224 px -> 256 patches; Llama 4 layers of width 64).
+
+        Two init choices make the relative-position questions learnable from scratch (docs/canary.md):
+        the tower's position table starts as a 2-D sin-cos table (`tiny.sincos_positions`; a released
+        CLIP's learned table is 2-D structured, a random one is not), and the weights start at std 0.06
+        instead of 0.02, so that attention is selective enough at init to find one square.
+        """
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-        image_size, patch = 112, 14
+        image_size, patch = 224, 14
         processor, ids = tiny.llava_processor(image_size, patch)
         vision = CLIPVisionConfig(
             hidden_size=32,
@@ -72,6 +78,7 @@ class LlavaAdapter(ModelAdapter):
             num_attention_heads=4,
             num_key_value_heads=4,
             max_position_embeddings=2048,
+            initializer_range=0.06,
             bos_token_id=ids["<s>"],
             eos_token_id=ids["</s>"],
             pad_token_id=ids["<pad>"],
@@ -85,7 +92,12 @@ class LlavaAdapter(ModelAdapter):
             **tiny.llava_token_ids(ids),
         )
         torch.manual_seed(seed)
-        model = tiny.with_weights(LlavaForConditionalGeneration(config), weights)
+        model = LlavaForConditionalGeneration(config)
+        with torch.no_grad():
+            table = model.model.vision_tower.embeddings.position_embedding.weight  # (1 + g*g, d): CLS first
+            table[0] = 0
+            table[1:] = tiny.sincos_positions(image_size // patch, vision.hidden_size)
+        model = tiny.with_weights(model, weights)
         return tiny.save_checkpoint(path, model, processor)
 
     @classmethod
