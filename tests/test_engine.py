@@ -261,7 +261,7 @@ def test_split_budget_is_proportional_and_exact():
 
 def test_llava_small_image_is_resized_up_not_cropped_down(llava):
     out = Engine(llava, build_method("full", Budget.full())).generate([[noise_image(56, 40)]], ["q?"], [0], 1)
-    assert out.samples[0].n_visual == out.samples[0].n_kept_input == 64
+    assert out.samples[0].n_visual == out.samples[0].n_kept_input == 256  # (224 / 14)^2
 
 
 def test_merged_vision_states_identity_equals_full(adapter):

@@ -202,8 +202,8 @@ def test_counts_exact_and_deterministic(budget):
     assert torch.equal(first.keep_index, second.keep_index) and torch.equal(first.vision_states, second.vision_states)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-llava"])
-def test_end_to_end_counts_and_dominant_choice(name):
+@pytest.mark.parametrize("name, n_visual", [("tiny-qwen2.5-vl", 64), ("tiny-llava", 256)])  # at 224x224
+def test_end_to_end_counts_and_dominant_choice(name, n_visual):
     adapter = tiny_adapter(name)
     image, question = noise_image(224, 224), "What colour is the square?"
     with layer_lengths(adapter) as lengths:
@@ -211,7 +211,7 @@ def test_end_to_end_counts_and_dominant_choice(name):
         out = engine.generate([[image]], [question], [0], 2)
     sample = out.samples[0]
     n_text = text_length(adapter, image, question)
-    assert sample.n_visual == 64 and sample.n_kept_input == 16 and sample.kept_per_layer == [16] * adapter.n_layers
+    assert sample.n_visual == n_visual and sample.n_kept_input == 16 and sample.kept_per_layer == [16] * adapter.n_layers
     assert lengths == [n_text + 16] * adapter.n_layers
     again = engine.generate([[image]], [question], [0], 2).samples[0]
     assert again.kept_index == sample.kept_index and again.tokens == sample.tokens

@@ -198,8 +198,8 @@ def test_deterministic():
     assert torch.equal(a.keep_index, b.keep_index) and torch.equal(a.states, b.states)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-llava"])
-def test_end_to_end_counts_at_both_stages(name):
+@pytest.mark.parametrize("name, n_visual", [("tiny-qwen2.5-vl", 64), ("tiny-llava", 256)])  # at 224x224
+def test_end_to_end_counts_at_both_stages(name, n_visual):
     adapter = tiny_adapter(name)
     image, question = noise_image(224, 224), "Where is the square?"
     with layer_lengths(adapter) as lengths:
@@ -207,7 +207,7 @@ def test_end_to_end_counts_at_both_stages(name):
         out = engine.generate([[image]], [question], [0], 2)
     sample = out.samples[0]
     n_text = text_length(adapter, image, question)
-    assert sample.n_visual == 64 and sample.n_kept_input == 24
+    assert sample.n_visual == n_visual and sample.n_kept_input == 24
     assert sample.kept_per_layer == [24, 24, 8, 8]  # layer-averaged 16 = the budget
     assert lengths == [n_text + k for k in sample.kept_per_layer]
     assert sum(sample.kept_per_layer) / len(sample.kept_per_layer) == 16

@@ -42,8 +42,8 @@ def test_tiles_follow_each_familys_processor():
     assert tile.grid == (12, 16) and tile.box == (0, 0, 448, 336)  # the whole image, 28 px per token
     assert tiles_view(image, [tile], np.ones(192, dtype=bool)).size == (16 * 28, 12 * 28)
     (tile,) = llava.token_tiles(image)
-    assert tile.grid == (8, 8) and tile.box == (56, 0, 392, 336)  # the processor's centre square
-    assert tiles_view(image, [tile], np.ones(64, dtype=bool)).size == (8 * 42, 8 * 42)
+    assert tile.grid == (16, 16) and tile.box == (56, 0, 392, 336)  # the processor's centre square
+    assert tiles_view(image, [tile], np.ones(256, dtype=bool)).size == (16 * 21, 16 * 21)
 
 
 def test_tiled_image_overlay_dims_exactly_the_pruned_cells_of_every_tile():

@@ -20,7 +20,7 @@ def test_clip_cls_row_and_received_match_eager():
         stats = visual.extras["vision_attention"][-2]
         torch.testing.assert_close(stats["cls"], ref[i, :, 0, 1:].float(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(stats["received"], ref[i].sum(0).mean(0)[1:].float(), atol=1e-5, rtol=1e-4)
-        assert stats["keys"].shape == (64, 1, 2, 16)
+        assert stats["keys"].shape == (256, 1, 2, 16)
 
 
 def test_qwen_received_matches_the_towers_own_inputs():

@@ -34,6 +34,7 @@ def train_canary(
     Examples:
       tokbench train-canary --model tiny-qwen2.5-vl --steps 3000 --seed 0   # the shipped canary (docs/canary.md)
       tokbench train-canary --init canary.safetensors --start-size 448 --start-side 32 --lr 5e-4 --output more.safetensors
+      tokbench train-canary --model tiny-llava --steps 600 --where-share 1 --locate-share 1 --warm 0.99 --settle 1 --output locate.safetensors
     """
     import torch
 
