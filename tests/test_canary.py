@@ -14,7 +14,16 @@ from tokbench.config import load_config
 from tokbench.models import load_model
 from tokbench.models.tiny import canary_weights, ensure_tiny, tiny_families
 from tokbench.synth.vstar import COLORS
-from tokbench.train.canary import CanaryConfig, curriculum, draw_batch, locate_item, train, where_item
+from tokbench.train.canary import (
+    CanaryConfig,
+    curriculum,
+    draw_batch,
+    locate_item,
+    question_text,
+    random_item,
+    train,
+    where_item,
+)
 
 
 def test_a_few_training_steps_make_the_loss_fall():
@@ -72,6 +81,11 @@ def test_locate_share_splits_the_auxiliary_items():
     assert all(q.startswith("Is the square") for q in questions)
     _, questions, _ = draw_batch(np.random.default_rng(0), 8, 224, 52, CanaryConfig(where_share=1.0, locate_share=0.0))
     assert not any(q.startswith("Is the square") for q in questions)
+    # at locate_share 0 the stream is the one the shipped Qwen canaries were trained on (no extra draw)
+    rng = np.random.default_rng(3)
+    expected = [(where_item if rng.random() < 0.35 else random_item)(rng, 224, 52) for _ in range(12)]
+    _, questions, answers = draw_batch(np.random.default_rng(3), 12, 224, 52, CanaryConfig(relative_share=0.4))
+    assert questions == [question_text(row) for row, _ in expected] and answers == [row["label"] for row, _ in expected]
 
 
 @pytest.mark.parametrize(

@@ -140,7 +140,9 @@ def training_item(rng: np.random.Generator, cfg: CanaryConfig, size: int, side: 
     probability ``cfg.locate_share``, else a `where_item`), else a vstar-synth item with
     ``cfg.relative_share`` relative-position questions."""
     if rng.random() < cfg.where_share:
-        return locate_item(rng, size, side) if rng.random() < cfg.locate_share else where_item(rng, size, side)
+        if cfg.locate_share and rng.random() < cfg.locate_share:  # no draw at 0: the Qwen recipes' stream stays
+            return locate_item(rng, size, side)
+        return where_item(rng, size, side)
     return random_item(rng, size, side, cfg.relative_share)
 
 
