@@ -102,14 +102,19 @@ def where_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | Non
         centre = (box[axis] + box[axis + 2]) / 2
         if abs(centre - extent / 2) > square / 2:
             break
-    color = row["colors"][which]
+    return _which_half(row, f"the {row['colors'][which]} square", horizontal, centre < extent / 2, "where"), image
+
+
+def _which_half(row: dict, subject: str, horizontal: bool, first_half: bool, category: str) -> dict:
+    """``row`` re-asked as "Is <subject> on the left or right side of the image?" (or in the upper or
+    lower half); the answer is (A) when the subject lies in the first half."""
     question, words = (
-        (f"Is the {color} square on the left or right side of the image?", ("left", "right"))
+        (f"Is {subject} on the left or right side of the image?", ("left", "right"))
         if horizontal
-        else (f"Is the {color} square in the upper or lower half of the image?", ("upper", "lower"))
+        else (f"Is {subject} in the upper or lower half of the image?", ("upper", "lower"))
     )
-    label = LETTERS[0] if centre < extent / 2 else LETTERS[1]
-    return {**row, "text": f"{question}\n(A) {words[0]}\n(B) {words[1]}", "label": label, "category": "where"}, image
+    label = LETTERS[0] if first_half else LETTERS[1]
+    return {**row, "text": f"{question}\n(A) {words[0]}\n(B) {words[1]}", "label": label, "category": category}
 
 
 def locate_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | None = None) -> tuple[dict, Image.Image]:
@@ -126,13 +131,7 @@ def locate_item(rng: np.random.Generator, size: int = FINAL_SIZE, side: int | No
         centre, extent = (row["bbox"][axis] + row["bbox"][axis + 2]) / 2, (width, height)[axis]
         if abs(centre - extent / 2) > 12:
             break
-    question, words = (
-        ("Is the square on the left or right side of the image?", ("left", "right"))
-        if horizontal
-        else ("Is the square in the upper or lower half of the image?", ("upper", "lower"))
-    )
-    label = LETTERS[0] if centre < extent / 2 else LETTERS[1]
-    return {**row, "text": f"{question}\n(A) {words[0]}\n(B) {words[1]}", "label": label, "category": "locate"}, image
+    return _which_half(row, "the square", horizontal, centre < extent / 2, "locate"), image
 
 
 def training_item(rng: np.random.Generator, cfg: CanaryConfig, size: int, side: int) -> tuple[dict, Image.Image]:
